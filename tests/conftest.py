@@ -1,0 +1,32 @@
+import contextlib
+import io
+
+import numpy as np
+import pytest
+
+
+def openmmtools_system(name: str, **kwargs):
+    """An openmmtools test system, with pymbar's import banner silenced."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        from openmmtools import testsystems
+    return getattr(testsystems, name)(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def aldp():
+    from cgflow.systems import get_system
+
+    return get_system("alanine_dipeptide")
+
+
+@pytest.fixture(scope="session")
+def aldp_frames(aldp):
+    """200 frames of a short, seeded MD run of alanine dipeptide (nm)."""
+    from cgflow.md import langevin_md
+
+    return langevin_md(aldp, n_frames=200, stride=20, seed=7).frames
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
