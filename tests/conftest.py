@@ -30,3 +30,11 @@ def aldp_frames(aldp):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Many small torch ops stall badly with 2 threads on a busy 2-core machine."""
+    import torch
+
+    torch.set_num_threads(1)

@@ -6,7 +6,9 @@ evaluation and is counted (:class:`MDResult.counts`, kinds ``start_md`` and ``mi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -138,3 +140,254 @@ def short_run(system: System, n_frames: int, stride: int, seed: int, **options) 
     if isinstance(system, AnalyticSystem):
         return metropolis(system, n_frames, stride, seed, **options)
     raise TypeError(f"no short-run sampler for system type {type(system).__name__}")
+
+
+# ------------------------------------------------------------------ batched Langevin on torch
+#: Boltzmann constant in kJ/(mol K)
+KB_KJ_PER_MOL_K = 8.314462618e-3
+
+
+def hydrogen_mass_repartition(
+    masses_amu: np.ndarray, bonds: np.ndarray, hydrogen_mass_amu: float
+) -> np.ndarray:
+    """Move mass from heavy atoms to their bonded hydrogens until each H weighs ``hydrogen_mass_amu``.
+
+    The total mass is unchanged; masses do not change the configurational distribution, only
+    the dynamics (allowing a longer timestep).
+    """
+    m = np.array(masses_amu, dtype=np.float64)
+    hydrogens = m < 1.5
+    for i, j in np.asarray(bonds, dtype=np.int64).reshape(-1, 2):
+        for h, heavy in ((i, j), (j, i)):
+            if hydrogens[h] and not hydrogens[heavy]:
+                delta = hydrogen_mass_amu - m[h]
+                m[h] += delta
+                m[heavy] -= delta
+    if (m <= 0).any():
+        raise ValueError("hydrogen mass repartitioning left an atom with mass <= 0")
+    return m
+
+
+@dataclass
+class LangevinState:
+    """State of ``C`` copies: positions (nm), velocities (nm/ps), energies (kJ/mol), forces."""
+
+    x: torch.Tensor  #: [C, N, 3] float64
+    v: torch.Tensor  #: [C, N, 3] float64
+    u: torch.Tensor  #: [C] float64
+    f: torch.Tensor  #: [C, N, 3] float64
+    steps: int = 0
+
+
+class NonFiniteEnergyError(RuntimeError):
+    """A chain's energy or forces became NaN/inf (timestep too large, or a bad start)."""
+
+
+class BatchedLangevin:
+    """BAOAB Langevin dynamics for ``C`` copies of a molecule, each at its own temperature.
+
+    State is float64 (positions accumulate small increments); energies and forces come from
+    ``energy`` in its own precision (e.g. float32 torch) and are promoted. Units: nm, ps, amu,
+    kJ/mol (force/mass is then nm/ps²). No centre-of-mass motion removal: all 3N degrees of
+    freedom are thermalised.
+    """
+
+    def __init__(
+        self,
+        energy: Any,
+        masses_amu: np.ndarray,
+        temperatures_K: np.ndarray,
+        timestep_fs: float = 1.0,
+        friction_per_ps: float = 1.0,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        temps = np.asarray(temperatures_K, dtype=np.float64).reshape(-1)
+        if (temps <= 0).any():
+            raise ValueError("temperatures must be > 0 K")
+        if timestep_fs <= 0 or friction_per_ps < 0:
+            raise ValueError("timestep must be > 0 and friction >= 0")
+        self.energy = energy
+        self.device = torch.device(device)
+        self.masses = torch.as_tensor(np.asarray(masses_amu, dtype=np.float64), device=self.device)
+        self.n_atoms = self.masses.numel()
+        self.dt = timestep_fs * 1e-3
+        self.friction = friction_per_ps
+        self.set_temperatures(temps)
+        self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
+
+    @property
+    def n_chains(self) -> int:
+        return self.temperatures.numel()
+
+    def set_temperatures(self, temperatures_K: np.ndarray) -> None:
+        self.temperatures = torch.as_tensor(
+            np.asarray(temperatures_K, dtype=np.float64), device=self.device
+        )
+        kt = KB_KJ_PER_MOL_K * self.temperatures  # [C]
+        # velocity noise scale sqrt(kT/m), [C, N, 1]
+        self._sigma_v = torch.sqrt(kt[:, None] / self.masses[None, :])[..., None]
+        self._c1 = math.exp(-self.friction * self.dt)
+        self._c2 = math.sqrt(1.0 - self._c1**2)
+
+    def _forces(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u, f = self.energy.energies_and_forces(x)
+        return u.to(torch.float64), f.to(torch.float64).reshape(x.shape)
+
+    def init_state(self, x0: np.ndarray | torch.Tensor) -> LangevinState:
+        """Start every chain from ``x0`` (``[N, 3]`` or ``[C, N, 3]``), Maxwell–Boltzmann velocities."""
+        x = torch.as_tensor(np.asarray(x0), dtype=torch.float64, device=self.device)
+        if x.ndim == 2:
+            x = x.expand(self.n_chains, -1, -1)
+        if x.shape != (self.n_chains, self.n_atoms, 3):
+            raise ValueError(
+                f"x0 must be [N, 3] or [{self.n_chains}, {self.n_atoms}, 3], got {tuple(x.shape)}"
+            )
+        x = x.clone()
+        v = self._sigma_v * torch.randn(
+            x.shape, generator=self.generator, device=self.device, dtype=x.dtype
+        )
+        u, f = self._forces(x)
+        self._check(u, f, 0)
+        return LangevinState(x=x, v=v, u=u, f=f)
+
+    def _check(self, u: torch.Tensor, f: torch.Tensor, steps: int) -> None:
+        bad = ~(torch.isfinite(u) & torch.isfinite(f).flatten(1).all(dim=1))
+        if bool(bad.any()):
+            chains = torch.nonzero(bad).flatten().tolist()[:10]
+            raise NonFiniteEnergyError(
+                f"non-finite energy/forces in chain(s) {chains} at step {steps} "
+                f"(timestep {self.dt * 1e3:g} fs): reduce the timestep or check the start"
+            )
+
+    def step(self, state: LangevinState, n_steps: int = 1, check_every: int = 100) -> LangevinState:
+        """Advance all chains by ``n_steps`` BAOAB steps (in place; returns ``state``)."""
+        dt, c1, c2 = self.dt, self._c1, self._c2
+        inv_m = (1.0 / self.masses)[None, :, None]
+        x, v, f, u = state.x, state.v, state.f, state.u
+        for k in range(n_steps):
+            v = v + (0.5 * dt) * f * inv_m  # B
+            x = x + (0.5 * dt) * v  # A
+            noise = torch.randn(
+                x.shape, generator=self.generator, device=self.device, dtype=x.dtype
+            )
+            v = c1 * v + c2 * self._sigma_v * noise  # O
+            x = x + (0.5 * dt) * v  # A
+            u, f = self._forces(x)
+            v = v + (0.5 * dt) * f * inv_m  # B
+            if (k + 1) % check_every == 0 or k + 1 == n_steps:
+                self._check(u, f, state.steps + k + 1)
+        state.x, state.v, state.f, state.u = x, v, f, u
+        state.steps += n_steps
+        return state
+
+    def kinetic_temperature(self, state: LangevinState) -> torch.Tensor:
+        """Instantaneous kinetic temperature per chain (K), 3N degrees of freedom."""
+        ke = 0.5 * (self.masses[None, :, None] * state.v**2).sum(dim=(1, 2))
+        return 2.0 * ke / (3 * self.n_atoms * KB_KJ_PER_MOL_K)
+
+
+class ParallelTempering:
+    """Replica exchange across ``K`` temperatures for ``M`` independent ladders.
+
+    Chains are laid out ``[K, M]`` (chain ``k * M + m`` is temperature ``k`` of ladder ``m``);
+    every ``exchange_every`` steps neighbouring temperatures swap configurations with the
+    Metropolis criterion ``min(1, exp((β_k - β_{k+1}) (U_k - U_{k+1})))``, alternating even
+    and odd pairs. Velocities are rescaled by ``sqrt(T_new / T_old)``. ``K = 1`` is plain MD.
+    """
+
+    def __init__(
+        self,
+        engine: BatchedLangevin,
+        temperatures_K: np.ndarray,
+        n_ladders: int,
+        exchange_every: int,
+        seed: int = 0,
+    ) -> None:
+        temps = np.asarray(temperatures_K, dtype=np.float64)
+        if temps.ndim != 1 or len(temps) < 1 or np.any(np.diff(temps) <= 0):
+            raise ValueError("temperatures must be a strictly increasing 1-D list")
+        if engine.n_chains != len(temps) * n_ladders:
+            raise ValueError(
+                f"engine has {engine.n_chains} chains, need {len(temps)} x {n_ladders}"
+            )
+        if exchange_every < 1:
+            raise ValueError("exchange_every must be >= 1")
+        self.engine = engine
+        self.temps = temps
+        self.k, self.m = len(temps), n_ladders
+        self.exchange_every = exchange_every
+        self.beta = torch.as_tensor(1.0 / (KB_KJ_PER_MOL_K * temps), device=engine.device)
+        self.generator = torch.Generator(device=engine.device).manual_seed(int(seed) + 7919)
+        self.attempts = np.zeros(max(self.k - 1, 0), dtype=np.int64)
+        self.accepts = np.zeros(max(self.k - 1, 0), dtype=np.int64)
+        # which starting chain's configuration sits in each slot, [K, M]
+        self.replica = torch.arange(self.k * n_ladders, device=engine.device).reshape(
+            self.k, self.m
+        )
+        self._round = 0
+
+    @staticmethod
+    def temperature_ladder(t_min: float, t_max: float, k: int) -> np.ndarray:
+        """Geometric ladder of ``k`` temperatures from ``t_min`` to ``t_max``."""
+        if k == 1:
+            return np.array([t_min], dtype=np.float64)
+        return t_min * (t_max / t_min) ** (np.arange(k) / (k - 1))
+
+    def exchange(self, state: LangevinState) -> None:
+        """One round of neighbour swaps (even pairs, then odd pairs on the next call)."""
+        if self.k < 2:
+            return
+        parity = self._round % 2
+        self._round += 1
+        lo = torch.arange(parity, self.k - 1, 2, device=self.engine.device)
+        if lo.numel() == 0:
+            return
+        hi = lo + 1
+        shape = (self.k, self.m)
+        u = state.u.reshape(shape)
+        delta = (self.beta[lo] - self.beta[hi])[:, None] * (u[lo] - u[hi])  # [P, M]
+        log_r = torch.rand(
+            delta.shape, generator=self.generator, device=delta.device, dtype=delta.dtype
+        ).log()
+        acc = log_r < delta
+        for p, k in enumerate(lo.tolist()):
+            self.attempts[k] += self.m
+            self.accepts[k] += int(acc[p].sum())
+        # permutation of slots within each ladder: swap k <-> k+1 where accepted
+        perm = torch.arange(self.k, device=delta.device)[:, None].expand(shape).clone()
+        perm[lo] = torch.where(acc, hi[:, None], lo[:, None])
+        perm[hi] = torch.where(acc, lo[:, None], hi[:, None])
+        ladder = torch.arange(self.m, device=delta.device)[None, :].expand(shape)
+        src = (perm * self.m + ladder).reshape(-1)  # source chain of each slot
+        t = self.engine.temperatures
+        scale = torch.sqrt(t / t[src])[:, None, None]
+        state.x = state.x[src]
+        state.v = state.v[src] * scale
+        state.u = state.u[src]
+        state.f = state.f[src]
+        self.replica = self.replica.reshape(-1)[src].reshape(shape)
+
+    def run(
+        self, state: LangevinState, n_steps: int, callback: Any = None, every: int = 0
+    ) -> LangevinState:
+        """Advance ``n_steps`` with exchanges; ``callback(state)`` every ``every`` steps."""
+        if every and self.exchange_every % every and every % self.exchange_every:
+            raise ValueError("'every' must divide or be a multiple of exchange_every")
+        block = min(self.exchange_every, every) if every else self.exchange_every
+        done = 0
+        while done < n_steps:
+            n = min(block, n_steps - done)
+            self.engine.step(state, n)
+            done += n
+            if state.steps % self.exchange_every == 0:
+                self.exchange(state)
+            if callback is not None and every and state.steps % every == 0:
+                callback(state)
+        return state
+
+    @property
+    def acceptance(self) -> np.ndarray:
+        """Exchange acceptance rate per neighbour pair (NaN where never attempted)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.accepts / self.attempts

@@ -235,14 +235,17 @@ class AnalyticSystem(System):
         x = z @ self._a_inv.to(z).T
         return x, torch.full(z.shape[:1], self._log_det_inv, dtype=z.dtype, device=z.device)
 
-    def initial_configuration(self) -> tuple[np.ndarray, int]:
-        """``x0`` if given, else a minimum from the origin (evaluations counted)."""
+    def initial_configuration(self, n_starts: int = 8, seed: int = 0) -> tuple[np.ndarray, int]:
+        """``x0`` if given, else the lowest of ``n_starts`` minimisations from seeded N(0, 1)
+        starts (all their energy evaluations counted)."""
         if self._x0 is not None:
             return self._x0.copy(), 0
         from .energy.minimize import minimize_energy
 
-        res = minimize_energy(self._default_backend, np.zeros(self.config_shape), gtol=1e-6)
-        return res.x, res.n_evaluations
+        starts = np.random.default_rng(seed).normal(size=(n_starts, *self.config_shape))
+        results = [minimize_energy(self._default_backend, x, gtol=1e-6) for x in starts]
+        best = min(results, key=lambda r: r.energy)
+        return best.x, sum(r.n_evaluations for r in results)
 
 
 # Müller–Brown parameters (method-spec §1.5)
