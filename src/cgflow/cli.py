@@ -85,7 +85,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
         )
         print(f"wrote {path}")
     elif args.action == "merge":
-        path = r.merge_chunks(args.chunks, args.out)
+        path = r.merge_chunks(args.chunks, args.out, discard=args.discard_chunks)
         _print_summary(path)
     elif args.action == "generate":
         settings = _settings_from_args(args)
@@ -101,9 +101,13 @@ def cmd_reference(args: argparse.Namespace) -> int:
             prev = folder / f"chunk_{k - 1:04d}.h5" if k else None
             r.run_chunk(engine, out, k, prev, settings, command=command)
             chunks = sorted(folder.glob("chunk_*.h5"))
-            merged = r.merge_chunks(chunks, args.out)
+            if len(chunks) <= args.discard_chunks:
+                print(f"chunk {k} done (burn-in, not merged)", flush=True)
+                continue
+            merged = r.merge_chunks(chunks, args.out, discard=args.discard_chunks)
             print(f"chunk {k} done; merged {len(chunks)} chunks into {merged}", flush=True)
-        _print_summary(Path(args.out))
+        if Path(args.out).exists():
+            _print_summary(Path(args.out))
     return 0
 
 
@@ -131,10 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = rsub.add_parser("merge", help="merge chunks into a reference file")
     p.add_argument("chunks", type=Path, nargs="+")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--discard-chunks", type=int, default=0, help="burn-in chunks left out")
     p = rsub.add_parser("generate", help="run or continue chunks in a folder, merging after each")
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--chunks", type=int, required=True, help="total number of chunks wanted")
     p.add_argument("--out", type=Path, required=True, help="merged reference file")
+    p.add_argument("--discard-chunks", type=int, default=0, help="burn-in chunks left out")
     _add_chunk_options(p)
     ref.set_defaults(func=cmd_reference)
     return parser

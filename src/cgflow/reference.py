@@ -367,8 +367,13 @@ def kld_noise_floor(per_ladder_counts: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------------ merge
-def merge_chunks(chunks: Sequence[str | Path], out: str | Path) -> Path:
-    """Add the chunk files into the reference file (counts, statistics, provenance)."""
+def merge_chunks(chunks: Sequence[str | Path], out: str | Path, discard: int = 0) -> Path:
+    """Add the chunk files into the reference file (counts, statistics, provenance).
+
+    Args:
+        discard: the first ``discard`` chunks are equilibration (burn-in): they must exist
+            but are left out of the counts and statistics.
+    """
     if not chunks:
         raise ValueError("no chunk files to merge")
     data = sorted(
@@ -377,6 +382,11 @@ def merge_chunks(chunks: Sequence[str | Path], out: str | Path) -> Path:
     indices = [int(d.attrs["chunk_index"]) for d in data]
     if indices != list(range(len(indices))):
         raise ValueError(f"chunks must be 0..n-1 without gaps, got {indices}")
+    if not 0 <= discard < len(data):
+        raise ValueError(
+            f"cannot discard {discard} of {len(data)} chunks: at least one must remain"
+        )
+    data = data[discard:]
     for d in data[1:]:
         if d.attrs["settings"] != data[0].attrs["settings"]:
             raise ValueError(
@@ -417,7 +427,9 @@ def merge_chunks(chunks: Sequence[str | Path], out: str | Path) -> Path:
     start = arrays["ladder_start_basin"]
     summary = {
         "chunks": len(data),
+        "discarded_chunks": discard,
         "steps_per_chain": int(data[-1].attrs["total_steps"]),
+        "sampled_steps_per_chain": int(sum(int(d.attrs["steps"]) for d in data)),
         "samples_300K": int(arrays["counts_std100"].sum()),
         "ess_300K": ess,
         "phi_positive_population": pos,
