@@ -141,7 +141,7 @@ def compare(
     x0 = equilibrated_starts(aldp, n_runs)
     stride, equil = 10, 200
     u_o, t_o, psi_o = openmm_runs(aldp, x0, n_runs, omm_steps, stride, equil, friction=friction)
-    eng_stride = max(1, int(round(stride / timestep_fs)))
+    eng_stride = max(1, round(stride / timestep_fs))
     u_e, t_e, psi_e = engine_runs(
         aldp,
         x0,
