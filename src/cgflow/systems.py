@@ -128,6 +128,11 @@ class System(ABC):
         x = torch.as_tensor(x)
         return self.to_internal(x)[:, list(self.cg_indices)]
 
+    def is_l(self, x: torch.Tensor) -> torch.Tensor:
+        """Chirality filter: True for configurations to keep (all, unless a system defines it)."""
+        x = torch.as_tensor(x)
+        return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+
     def log_target(self, z: torch.Tensor) -> torch.Tensor:
         """Unnormalised log density over internal coordinates: ``-u(x(z)) + log|det dx/dz|``."""
         x, log_det = self.to_cartesian(z)
