@@ -1,0 +1,313 @@
+"""Training the conditional flow: by example (maximum likelihood) and by energy (reverse KL).
+
+Reverse KL at fixed CG points s: draw x_FG ~ q(.|s), assemble the internal vector, drop draws
+that fail the chirality filter (they are **not** energy-evaluated), evaluate the reduced energy
+and forces with any backend (an autograd function feeds the forces back), and minimise the
+robust per-sample loss ``log q(x_FG|s) − log p̃(x)`` (the k largest and the non-finite losses of
+each batch are dropped and counted), with gradient-norm clipping and a linear warm-up.
+
+Counting (``EvaluationCounter``): ``training`` = energy evaluations actually made (after the
+filter), ``training_draws`` = draws before the filter, ``diagnostics`` = test-loss evaluations,
+``labels`` = evaluations for PMF labels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .energy.base import EnergyBackend
+from .energy.counting import EvaluationCounter
+from .flows import assemble
+from .systems import System
+
+
+class BackendEnergy(torch.autograd.Function):
+    """U(x) from any backend, with ``dU/dx = −F`` in the backward pass."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, backend: EnergyBackend) -> torch.Tensor:  # type: ignore[override]
+        u, f = backend.energies_and_forces(x.detach())
+        u = torch.as_tensor(u).to(device=x.device, dtype=x.dtype)
+        f = torch.as_tensor(f).to(device=x.device, dtype=x.dtype).reshape(x.shape)
+        ctx.save_for_backward(f)
+        return u
+
+    @staticmethod
+    def backward(ctx: Any, grad_u: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (f,) = ctx.saved_tensors
+        grad = -f * grad_u.reshape(-1, *([1] * (f.ndim - 1)))
+        # rows with non-finite energies carry no loss; keep their NaN forces out of the sum
+        return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0), None
+
+
+def log_target_from_internal(
+    system: System, z: torch.Tensor, backend: EnergyBackend
+) -> torch.Tensor:
+    """``log p̃(z) = −beta U(x(z)) + log|det dx/dz|`` with energies from ``backend``."""
+    x, log_det = system.to_cartesian(z)
+    u = BackendEnergy.apply(x, backend)
+    return -system.beta * u + log_det
+
+
+@dataclass
+class Draws:
+    """Flow draws at CG points: internal vectors, log q, and which were kept by the filter."""
+
+    s: torch.Tensor  #: [n, n_cg]
+    z: torch.Tensor  #: [n, n_internal]
+    log_q: torch.Tensor  #: [n]
+    kept: torch.Tensor  #: [n] bool (chirality filter and finite coordinates)
+
+
+def draw(
+    flow: torch.nn.Module, system: System, s: torch.Tensor, generator: torch.Generator | None = None
+) -> Draws:
+    """Sample ``x_FG ~ q(.|s)`` (differentiably) and apply the system's chirality filter."""
+    x_fg, log_q = flow.sample(s, generator=generator)
+    z = assemble(system, s, x_fg)
+    with torch.no_grad():
+        x, _ = system.to_cartesian(z.detach())
+        finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+        kept = finite & system.is_l(x)
+    return Draws(s=s, z=z, log_q=log_q, kept=kept)
+
+
+def robust_mean(losses: torch.Tensor, skip_top_k: int) -> tuple[torch.Tensor, int]:
+    """Mean of the finite losses after dropping the ``skip_top_k`` largest; count dropped."""
+    finite = torch.isfinite(losses)
+    kept = losses[finite]
+    dropped = int((~finite).sum())
+    if skip_top_k > 0 and kept.numel() > skip_top_k:
+        kept = torch.sort(kept).values[:-skip_top_k]
+        dropped += skip_top_k
+    if kept.numel() == 0:
+        return losses.new_tensor(float("nan")), dropped
+    return kept.mean(), dropped
+
+
+# --------------------------------------------------------------------------------- by example
+@dataclass
+class ExampleConfig:
+    epochs: int = 50
+    lr: float = 1e-4
+    batch_size: int = 256
+    seed: int = 0
+
+
+def train_by_example(
+    flow: torch.nn.Module,
+    s: torch.Tensor,
+    x_fg: torch.Tensor,
+    config: ExampleConfig,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> dict[str, list[float]]:
+    """Maximum likelihood: minimise ``−mean log q(x_FG | s)`` over the frames (shuffled)."""
+    if s.shape[0] != x_fg.shape[0]:
+        raise ValueError(f"{s.shape[0]} CG values but {x_fg.shape[0]} fine-grained frames")
+    opt = optimizer or torch.optim.Adam(flow.parameters(), lr=config.lr)
+    gen = torch.Generator().manual_seed(config.seed)
+    n = s.shape[0]
+    bs = min(config.batch_size, n)
+    losses = []
+    for _ in range(config.epochs):
+        perm = torch.randperm(n, generator=gen)
+        total, batches = 0.0, 0
+        for start in range(0, n - bs + 1, bs):
+            idx = perm[start : start + bs]
+            loss = -flow.log_prob(x_fg[idx], s[idx]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            batches += 1
+        losses.append(total / max(batches, 1))
+    return {"nll": losses}
+
+
+# ---------------------------------------------------------------------------------- by energy
+@dataclass
+class EnergyConfig:
+    """Reverse-KL training (defaults: the original ALDP settings, flaws fixed)."""
+
+    epochs: int = 50
+    lr: float = 1e-5
+    batch_size: int = 64  #: rows per step; each row is one draw at one CG point
+    rows_per_point: int = 30  #: rows per CG point per epoch
+    old_fraction: float = 0.3  #: old-point rows per epoch, as a fraction of the new-point rows
+    warmup_epochs: int = 11  #: linear ramp (e+1)/W of the lr in each call
+    clip_early: float = 100.0
+    clip_late: float = 1000.0
+    clip_switch_epoch: int = 11
+    skip_top_k: int = 5
+    seed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EnergyHistory:
+    loss: list[float] = field(default_factory=list)
+    test_loss: list[float] = field(default_factory=list)
+    dropped: list[int] = field(default_factory=list)
+    rejected_draws: list[int] = field(default_factory=list)
+    skipped_batches: list[int] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+
+
+def _rows(points: torch.Tensor, n_rows: int, gen: torch.Generator) -> torch.Tensor:
+    """``n_rows`` CG rows drawn from ``points`` (each point ``rows_per_point`` times, shuffled)."""
+    if n_rows <= 0 or points.shape[0] == 0:
+        return points[:0]
+    idx = torch.randperm(points.shape[0], generator=gen).repeat(math.ceil(n_rows / points.shape[0]))
+    return points[idx[:n_rows]]
+
+
+def reverse_kl_losses(
+    flow: torch.nn.Module,
+    system: System,
+    backend: EnergyBackend,
+    s: torch.Tensor,
+    counter: EvaluationCounter,
+    kind: str = "training",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Per-row losses ``log q − log p̃`` (NaN for rejected draws); energy calls are counted."""
+    d = draw(flow, system, s, generator)
+    losses = torch.full_like(d.log_q, float("nan"))
+    n_kept = int(d.kept.sum())
+    if kind == "training":
+        counter.add("training_draws", s.shape[0])
+    counter.add(kind, n_kept)
+    if n_kept:
+        log_p = log_target_from_internal(system, d.z[d.kept], backend)
+        losses = losses.index_put((d.kept,), d.log_q[d.kept] - log_p.to(d.log_q.dtype))
+    return losses, s.shape[0] - n_kept
+
+
+def train_by_energy(
+    flow: torch.nn.Module,
+    system: System,
+    backend: EnergyBackend,
+    new_points: torch.Tensor,
+    config: EnergyConfig,
+    counter: EvaluationCounter,
+    old_points: torch.Tensor | None = None,
+    test_points: torch.Tensor | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> EnergyHistory:
+    """Reverse-KL epochs on ``new_points`` plus a fraction of ``old_points`` per epoch.
+
+    Every epoch draws ``rows_per_point`` rows per new point and ``old_fraction`` times as many
+    rows from the old points; batches whose robust loss is non-finite are skipped (counted).
+    With ``test_points``, a diagnostic test loss (one row per point, counted as
+    ``diagnostics``) is recorded after each epoch.
+    """
+    dtype = next(flow.parameters()).dtype
+    new_points = torch.as_tensor(new_points, dtype=dtype)
+    old_points = (
+        torch.as_tensor(old_points, dtype=dtype) if old_points is not None else new_points[:0]
+    )
+    opt = optimizer or torch.optim.Adam(flow.parameters(), lr=config.lr)
+    gen = torch.Generator().manual_seed(config.seed)
+    hist = EnergyHistory()
+    n_new = new_points.shape[0] * config.rows_per_point
+    n_old = min(int(config.old_fraction * n_new), old_points.shape[0] * config.rows_per_point)
+    for epoch in range(config.epochs):
+        factor = min(1.0, (epoch + 1) / config.warmup_epochs) if config.warmup_epochs else 1.0
+        for group in opt.param_groups:
+            group["lr"] = config.lr * factor
+        clip = config.clip_early if epoch < config.clip_switch_epoch else config.clip_late
+        rows = torch.cat([_rows(new_points, n_new, gen), _rows(old_points, n_old, gen)])
+        rows = rows[torch.randperm(rows.shape[0], generator=gen)]
+        bs = min(config.batch_size, rows.shape[0])
+        total, n_batches, dropped, rejected, skipped = 0.0, 0, 0, 0, 0
+        for start in range(0, rows.shape[0] - bs + 1, bs):
+            losses, n_rej = reverse_kl_losses(
+                flow, system, backend, rows[start : start + bs], counter, generator=gen
+            )
+            loss, n_drop = robust_mean(losses, config.skip_top_k)
+            dropped += n_drop
+            rejected += n_rej
+            if not torch.isfinite(loss):
+                skipped += 1
+                continue
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(flow.parameters(), clip)
+            opt.step()
+            total += float(loss.detach())
+            n_batches += 1
+        hist.loss.append(total / max(n_batches, 1))
+        hist.dropped.append(dropped)
+        hist.rejected_draws.append(rejected)
+        hist.skipped_batches.append(skipped)
+        hist.lr.append(config.lr * factor)
+        if test_points is not None and len(test_points):
+            with torch.no_grad():
+                tl, _ = reverse_kl_losses(
+                    flow,
+                    system,
+                    backend,
+                    torch.as_tensor(test_points, dtype=dtype),
+                    counter,
+                    kind="diagnostics",
+                    generator=gen,
+                )
+            hist.test_loss.append(float(robust_mean(tl, 0)[0]))
+    return hist
+
+
+# ------------------------------------------------------------------------------ label draws
+def label_log_weights(
+    flow: torch.nn.Module,
+    system: System,
+    backend: EnergyBackend,
+    points: torch.Tensor,
+    draws: int,
+    counter: EvaluationCounter,
+    seed: int = 0,
+    chunk: int = 4096,
+) -> torch.Tensor:
+    """``log w = log p̃ − log q`` ``[P, draws]`` for PMF labels; rejected draws are ``−inf``.
+
+    A fixed number of draws per point; draws failing the chirality filter or with non-finite
+    energies get weight 0 (counted as ``labels`` only when evaluated).
+    """
+    dtype = next(flow.parameters()).dtype
+    points = torch.as_tensor(points, dtype=dtype)
+    s = points.repeat_interleave(draws, dim=0)
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.full((s.shape[0],), -math.inf, dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, s.shape[0], chunk):
+            d = draw(flow, system, s[start : start + chunk], gen)
+            n_kept = int(d.kept.sum())
+            counter.add("labels", n_kept)
+            if n_kept:
+                lp = log_target_from_internal(system, d.z[d.kept], backend).to(torch.float64)
+                lw = lp - d.log_q[d.kept].to(torch.float64)
+                lw = torch.where(torch.isfinite(lw), lw, torch.full_like(lw, -math.inf))
+                idx = torch.nonzero(d.kept).flatten() + start
+                out[idx] = lw
+    return out.reshape(points.shape[0], draws)
+
+
+def cg_values(
+    system: System, frames: np.ndarray | torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split frames into CG values and fine-grained internal coordinates (for by-example)."""
+    z = system.to_internal(torch.as_tensor(np.asarray(frames), dtype=dtype))
+    cg = list(system.cg_indices)
+    fg = list(system.fg_indices)
+    return z[:, cg], z[:, fg]
+
+
+def select_rows(points: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+    return points[torch.as_tensor(list(indices), dtype=torch.long)]
