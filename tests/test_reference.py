@@ -160,3 +160,24 @@ def test_shipped_reference_is_consistent():
     # chains started in β and in αL agree on the φ > 0 population within error
     se = s["phi_positive_stderr"] * math.sqrt(2) * 2  # each half has twice the variance
     assert abs(s["phi_positive_from_beta_starts"] - s["phi_positive_from_alphaL_starts"]) < 3 * se
+
+
+def test_alpha_l_start_keeps_l_chirality(aldp):
+    """Setting φ/ψ by turning the caps keeps C-alpha's chirality (the internal-coordinate route
+    would carry HA and CB along and make D-alanine)."""
+    import torch
+
+    from cgflow.reference import ALDP_PHI_SIDE, alpha_l_start, load_engine, phi_psi, set_dihedral
+
+    x0, _ = aldp.initial_configuration()
+    y = set_dihedral(x0, (4, 6, 8, 14), 1.0, ALDP_PHI_SIDE)
+    ang = phi_psi(torch.as_tensor(y[None]))[0]
+    assert float(ang[0]) == pytest.approx(1.0, abs=1e-6)
+    assert float(ang[1]) == pytest.approx(float(phi_psi(torch.as_tensor(x0[None]))[0, 1]), abs=1e-9)
+    x, n = alpha_l_start(aldp)
+    phi, psi = phi_psi(torch.as_tensor(x[None]))[0].tolist()
+    assert 0 < phi < 2.2 and n > 0
+    assert bool(aldp.is_l(torch.as_tensor(x[None])).all())
+    blob = load_engine(ENGINE)
+    starts = torch.stack([blob["x_beta_nm"], blob["x_alpha_l_nm"]])
+    assert bool(aldp.is_l(starts).all())

@@ -43,8 +43,37 @@ ALDP_REFERENCE = REFERENCE_DIR / "aldp_ff96_obc1_300K.h5"
 
 
 # ---------------------------------------------------------------------------------- engine file
+#: atoms moved when φ / ψ of alanine dipeptide are set (the N- and C-terminal caps)
+ALDP_PHI_SIDE = (0, 1, 2, 3, 4, 5, 7)
+ALDP_PSI_SIDE = (15, 16, 17, 18, 19, 20, 21)
+
+
+def set_dihedral(x: np.ndarray, atoms: tuple[int, int, int, int], value: float, moving: tuple[int, ...]) -> np.ndarray:
+    """Rotate ``moving`` atoms about the bond ``atoms[1]``–``atoms[2]`` so the dihedral is ``value``.
+
+    Only the moving group turns, so the chirality at the bond's atoms is unchanged (setting φ
+    in internal coordinates would carry HA and CB along and invert C-alpha).
+    """
+    x = np.array(x, dtype=np.float64)
+    t = torch.as_tensor(x)
+    current = float(dihedral(*(t[None, i] for i in atoms))[0])
+    b, c = x[atoms[1]], x[atoms[2]]
+    axis = (c - b) / np.linalg.norm(c - b)
+    angle = value - current
+    # Rodrigues rotation about the axis through b; the sign makes the dihedral increase by angle
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    for sign in (1.0, -1.0):
+        rot = np.eye(3) + np.sin(sign * angle) * k + (1 - np.cos(sign * angle)) * k @ k
+        y = x.copy()
+        y[list(moving)] = (x[list(moving)] - b) @ rot.T + b
+        got = float(dihedral(*(torch.as_tensor(y)[None, i] for i in atoms))[0])
+        if abs(math.remainder(got - value, 2 * math.pi)) < 1e-6:
+            return y
+    raise RuntimeError("could not set the dihedral")  # pragma: no cover
+
+
 def alpha_l_start(system: Any, phi: float = 1.0, psi: float = 0.6) -> tuple[np.ndarray, int]:
-    """A start structure in the αL basin: set (φ, ψ) in internal coordinates, then minimise.
+    """A start structure in the αL basin (L-alanine): rotate the caps to (φ, ψ), then minimise.
 
     Returns the structure and the energy evaluations of its minimisation.
     """
@@ -52,12 +81,10 @@ def alpha_l_start(system: Any, phi: float = 1.0, psi: float = 0.6) -> tuple[np.n
     from .energy.openmm_backend import OpenMMEnergy
 
     x0, _ = system.initial_configuration()
-    z = system.to_internal(torch.as_tensor(x0[None]))
-    z[0, ALDP_CG_INDICES[0]] = phi
-    z[0, ALDP_CG_INDICES[1]] = psi
-    x, _ = system.to_cartesian(z)
+    x = set_dihedral(x0, ALDP_PHI_ATOMS, phi, ALDP_PHI_SIDE)
+    x = set_dihedral(x, ALDP_PSI_ATOMS, psi, ALDP_PSI_SIDE)
     with OpenMMEnergy(system.openmm_system, platform="Reference") as be:
-        res = minimize_energy(be, x[0].numpy(), gtol=1e-2)
+        res = minimize_energy(be, x, gtol=1e-2)
     return res.x, res.n_evaluations
 
 
@@ -74,6 +101,9 @@ def export_engine(system: Any, path: str | Path) -> Path:
     )
     x_beta, _ = system.initial_configuration()
     x_alpha_l, _ = alpha_l_start(system)
+    starts = torch.as_tensor(np.stack([x_beta, x_alpha_l]))
+    if not bool(system.is_l(starts).all()):
+        raise RuntimeError("a start structure is not the L form")
     blob = {
         "format": ENGINE_FORMAT,
         "system": system.name,
