@@ -175,7 +175,7 @@ def test_alpha_l_start_keeps_l_chirality(aldp):
     assert float(ang[0]) == pytest.approx(1.0, abs=1e-6)
     assert float(ang[1]) == pytest.approx(float(phi_psi(torch.as_tensor(x0[None]))[0, 1]), abs=1e-9)
     x, n = alpha_l_start(aldp)
-    phi, psi = phi_psi(torch.as_tensor(x[None]))[0].tolist()
+    phi, _psi = phi_psi(torch.as_tensor(x[None]))[0].tolist()
     assert 0 < phi < 2.2 and n > 0
     assert bool(aldp.is_l(torch.as_tensor(x[None])).all())
     blob = load_engine(ENGINE)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .coordinates import ALDP_CG_INDICES, ALDP_PHI_ATOMS, ALDP_PSI_ATOMS, dihedral
+from .coordinates import ALDP_PHI_ATOMS, ALDP_PSI_ATOMS, dihedral
 from .data import Provenance, read_h5, write_h5
 from .md import BatchedLangevin, ParallelTempering, hydrogen_mass_repartition
 from .metrics import GRIDS, phi_positive_fraction
