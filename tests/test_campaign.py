@@ -70,3 +70,58 @@ def test_starting_points_respect_the_window():
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_mueller_brown_campaign_three_seeds(seed):
     check_mueller_brown(seed)
+
+
+def test_grid_conditioning_baseline_on_mueller_brown():
+    """No active learning: a regular grid of CG points, evaluated every few epochs."""
+    from cgflow.campaign import grid_points, run_grid_campaign
+    from cgflow.systems import get_system
+    from cgflow.training import EnergyConfig
+
+    pts = grid_points(get_system("mueller_brown"), 36)
+    assert pts.shape == (36, 1) and float(pts.min()) > -2.5 and float(pts.max()) < 1.1
+    energy = EnergyConfig(
+        epochs=12,
+        lr=5e-3,
+        batch_size=16,
+        rows_per_point=30,
+        warmup_epochs=2,
+        schedule="cosine",
+        clip_early=20,
+        clip_late=20,
+        skip_top_k=0,
+    )
+    ens = EnsembleConfig(
+        n_members=4,
+        hidden=(32, 32),
+        activation="silu",
+        epochs=1000,
+        lr=1e-2,
+        batch_size=8,
+        split="bagging",
+        train_fraction=0.9,
+    )
+    result = run_grid_campaign(
+        mueller_brown_config(0, energy=energy, ensemble=ens),
+        per_axis=36,
+        eval_every=6,
+        evaluate=mueller_brown_evaluator(),
+    )
+    assert len(result.records) == 2
+    assert result.records[-1].total_evaluations > result.records[0].total_evaluations
+    first, last = result.records[0].metrics, result.records[-1].metrics
+    assert last["kld"] < 0.01 and last["kld"] < first["kld"]
+    assert (
+        result.records[-1].counts["labels"] == 2 * 29 * 30
+    )  # 29 training grid points x 30 draws, twice
+
+
+def test_lr_schedule():
+    from cgflow.training import EnergyConfig
+
+    c = EnergyConfig(warmup_epochs=4, schedule="cosine", schedule_epochs=14)
+    f = [c.lr_factor(e) for e in range(14)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]  # the first epoch ramps too (no off-by-one)
+    assert f[4] == 1.0 and f[-1] < 0.05 and all(a >= b for a, b in zip(f[4:], f[5:]))
+    with pytest.raises(ValueError, match="unknown lr schedule"):
+        EnergyConfig(schedule="step").lr_factor(5)

@@ -48,7 +48,9 @@ ALDP_PHI_SIDE = (0, 1, 2, 3, 4, 5, 7)
 ALDP_PSI_SIDE = (15, 16, 17, 18, 19, 20, 21)
 
 
-def set_dihedral(x: np.ndarray, atoms: tuple[int, int, int, int], value: float, moving: tuple[int, ...]) -> np.ndarray:
+def set_dihedral(
+    x: np.ndarray, atoms: tuple[int, int, int, int], value: float, moving: tuple[int, ...]
+) -> np.ndarray:
     """Rotate ``moving`` atoms about the bond ``atoms[1]``–``atoms[2]`` so the dihedral is ``value``.
 
     Only the moving group turns, so the chirality at the bond's atoms is unchanged (setting φ

@@ -146,9 +146,24 @@ class EnergyConfig:
     clip_switch_epoch: int = 11
     skip_top_k: int = 5
     seed: int = 0
+    schedule: str = "constant"  #: after warm-up: "constant" or "cosine" (to 0 at schedule_epochs)
+    schedule_epochs: int = 0  #: length of the cosine schedule (global epochs)
+    epoch_offset: int = 0  #: global epoch of this call's first epoch (schedules span calls)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def lr_factor(self, epoch: int) -> float:
+        """Learning-rate factor of global ``epoch`` (0-based): linear warm-up, then the schedule."""
+        w = self.warmup_epochs
+        if w and epoch < w:
+            return (epoch + 1) / w
+        if self.schedule == "cosine":
+            span = max(self.schedule_epochs - w, 1)
+            return 0.5 * (1 + math.cos(math.pi * min(epoch - w, span) / span))
+        if self.schedule != "constant":
+            raise ValueError(f"unknown lr schedule {self.schedule!r}; use 'constant' or 'cosine'")
+        return 1.0
 
 
 @dataclass
@@ -219,8 +234,9 @@ def train_by_energy(
     hist = EnergyHistory()
     n_new = new_points.shape[0] * config.rows_per_point
     n_old = min(int(config.old_fraction * n_new), old_points.shape[0] * config.rows_per_point)
-    for epoch in range(config.epochs):
-        factor = min(1.0, (epoch + 1) / config.warmup_epochs) if config.warmup_epochs else 1.0
+    for local in range(config.epochs):
+        epoch = config.epoch_offset + local
+        factor = config.lr_factor(epoch)
         for group in opt.param_groups:
             group["lr"] = config.lr * factor
         clip = config.clip_early if epoch < config.clip_switch_epoch else config.clip_late
