@@ -86,7 +86,9 @@ def main() -> None:
         rows.append((label, measure(system, blocks, hidden, batch, fdt, edt, args.steps)))
     base = rows[0][1]["samples_per_s"]
     print(f"reverse-KL training, alanine dipeptide flow, 1 thread, torch {torch.__version__}")
-    print(f"{'setting':<34} {'samples/s':>10} {'ratio':>7} {'energy s/step':>14} {'flow s/step':>12}")
+    print(
+        f"{'setting':<34} {'samples/s':>10} {'ratio':>7} {'energy s/step':>14} {'flow s/step':>12}"
+    )
     for label, r in rows:
         print(
             f"{label:<34} {r['samples_per_s']:>10.0f} {r['samples_per_s'] / base:>6.2f}x "

@@ -366,7 +366,7 @@ def run_grid_campaign(
     opt = torch.optim.Adam(flow.parameters(), lr=config.example.lr)
     train_by_example(flow, s0, x_fg, config.example, optimizer=opt)
     pts = grid_points(system, per_axis, dtype)
-    tr, te = split_points(len(pts), config.spreading.test_fraction, seed=_seed(config.seed, 0, 2))
+    tr, _ = split_points(len(pts), config.spreading.test_fraction, seed=_seed(config.seed, 0, 2))
     train = pts[tr]
     backend = system.energy_backend(**_backend_options(config.backend))
     periodic = list(system.cg_spec.periodic)

@@ -150,6 +150,12 @@ class EnergyConfig:
     schedule_epochs: int = 0  #: length of the cosine schedule (global epochs)
     epoch_offset: int = 0  #: global epoch of this call's first epoch (schedules span calls)
 
+    def __post_init__(self) -> None:
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"unknown lr schedule {self.schedule!r}; use 'constant' or 'cosine'")
+        if self.epochs < 0 or self.batch_size < 1 or self.rows_per_point < 1:
+            raise ValueError("epochs must be >= 0, batch_size and rows_per_point >= 1")
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -161,8 +167,6 @@ class EnergyConfig:
         if self.schedule == "cosine":
             span = max(self.schedule_epochs - w, 1)
             return 0.5 * (1 + math.cos(math.pi * min(epoch - w, span) / span))
-        if self.schedule != "constant":
-            raise ValueError(f"unknown lr schedule {self.schedule!r}; use 'constant' or 'cosine'")
         return 1.0
 
 
