@@ -65,6 +65,7 @@ def test_starting_points_respect_the_window():
     first = result.records[0]
     assert first.n_train_points > 0
     assert first.counts["start_md"] > 0
+    assert result.config.backend == {"kind": "torch"} and result.config.dtype == "float64"
 
 
 @pytest.mark.slow

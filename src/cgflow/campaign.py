@@ -132,6 +132,7 @@ class CampaignResult:
     converged: bool
     reason: str
     counter: EvaluationCounter
+    config: CampaignConfig | None = None  #: the settings (backend and precision included)
 
 
 def _seed(base: int, iteration: int, stage: int) -> int:
@@ -313,6 +314,7 @@ def run_campaign(
         converged=converged,
         reason=reason,
         counter=counter,
+        config=config,
     )
 
 
@@ -428,7 +430,7 @@ def run_grid_campaign(
         log(f"grid epoch {start + n}: N = {counter.total}, metrics {metrics}")
     assert ensemble is not None
     return CampaignResult(
-        flow, ensemble, records, train.detach().cpu().numpy(), False, "epochs done", counter
+        flow, ensemble, records, train.detach().cpu().numpy(), False, "epochs done", counter, config
     )
 
 
