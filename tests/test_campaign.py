@@ -127,3 +127,43 @@ def test_lr_schedule():
     assert f[4] == 1.0 and f[-1] < 0.05 and all(a >= b for a, b in itertools.pairwise(f[4:]))
     with pytest.raises(ValueError, match="unknown lr schedule"):
         EnergyConfig(schedule="step")
+
+
+def test_alanine_dipeptide_loop_smoke():
+    """The 2-D periodic path (walkers, farthest points, disk spreading, group splits) runs."""
+    from cgflow.campaign import CampaignConfig, LabelConfig, SpreadConfig, StartConfig, WalkerConfig
+    from cgflow.training import EnergyConfig, ExampleConfig
+
+    energy = EnergyConfig(
+        epochs=1, lr=1e-4, batch_size=32, rows_per_point=1, warmup_epochs=1, skip_top_k=2
+    )
+    cfg = CampaignConfig(
+        system={"name": "alanine_dipeptide"},
+        seed=3,
+        start=StartConfig(n_frames=200, stride=10, n_points=60),
+        flow={"n_blocks": 2, "hidden": 16},
+        dtype="float32",
+        example=ExampleConfig(epochs=2, lr=1e-3, batch_size=64),
+        energy_first=energy,
+        energy=energy,
+        labels=LabelConfig(draws=8),
+        ensemble=EnsembleConfig(n_members=3, hidden=(16, 16), epochs=20, lr=1e-3, batch_size=32),
+        walkers=WalkerConfig(
+            n_walkers=20,
+            step_size=0.3,
+            threshold_kT=0.05,
+            max_steps=200,
+            n_candidates=4,
+            n_select=2,
+        ),
+        spreading=SpreadConfig(kind="disk", radius=0.6, n_per_centre=10, test_fraction=0.5),
+        max_iterations=2,
+    )
+    result = run_campaign(cfg)
+    assert len(result.records) == 2
+    first = result.records[0]
+    assert len(first.selected) == 2 and np.all(np.abs(first.selected) <= np.pi)
+    assert first.n_new_points == 10  # one centre's 10 points train, the other's test
+    c = result.counter.as_dict()
+    assert c["training"] <= c["training_draws"] and c["labels"] > 0 and c["minimisation"] > 0
+    assert np.all(np.abs(result.train_points) <= np.pi)
