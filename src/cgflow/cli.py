@@ -111,6 +111,117 @@ def cmd_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_wf(args: argparse.Namespace) -> int:
+    """Workflow steps: thin wrappers around :mod:`cgflow.steps`."""
+    import torch
+
+    torch.set_num_threads(int(__import__("os").environ.get("CGFLOW_TORCH_THREADS", "1")))
+    from . import steps
+
+    if args.step == "snapshot":
+        steps.write_snapshot(json.loads(args.json), args.out)
+        return 0
+    st = steps.Settings.load(args.config)
+    k = getattr(args, "iteration", 0)
+    if args.step == "start":
+        steps.start(st, args.out)
+    elif args.step == "pretrain":
+        steps.pretrain(st, args.start, args.out)
+    elif args.step == "initial-points":
+        steps.initial_points(st, args.start, args.out)
+    elif args.step == "finetune":
+        steps.finetune(st, k, args.flow, args.points, args.out_flow, args.out_train)
+    elif args.step == "sample":
+        steps.sample(st, k, args.flow, args.points, args.shard, args.n_shards, args.out)
+    elif args.step == "energy":
+        steps.energy(st, args.samples, args.shard, args.out)
+    elif args.step == "gather":
+        steps.gather(
+            st, k, args.points, args.samples, args.energies, args.out, args.previous_labels
+        )
+    elif args.step == "ensemble":
+        steps.ensemble(st, k, args.labels, args.out)
+    elif args.step == "evaluate":
+        steps.evaluate(st, k, args.ensemble, args.points, args.out_metrics, args.out_plot)
+    elif args.step == "walkers":
+        steps.walkers(st, k, args.ensemble, args.points, args.out)
+    elif args.step == "select":
+        steps.select(st, k, args.walkers, args.points, args.out)
+    elif args.step == "check":
+        status = steps.check(st, k, args.walkers, args.metrics, args.out)
+        print(json.dumps(status))
+    elif args.step == "summary":
+        steps.summary(st, args.campaign_dir, args.iterations, args.out)
+    return 0
+
+
+def _add_wf(sub: argparse._SubParsersAction) -> None:
+    wf = sub.add_parser("wf", help="workflow steps (one per Snakemake rule)")
+    ws = wf.add_subparsers(dest="step", required=True)
+    P = Path
+
+    def step(name: str, *opts: tuple[str, dict], iteration: bool = False) -> None:
+        p = ws.add_parser(name)
+        if name != "snapshot":
+            p.add_argument("--config", type=P, required=True, help="the campaign's config snapshot")
+        if iteration:
+            p.add_argument("--iteration", type=int, required=True)
+        for flag, kw in opts:
+            p.add_argument(flag, **kw)
+
+    req = {"type": P, "required": True}
+    step("snapshot", ("--json", {"required": True}), ("--out", req))
+    step("start", ("--out", req))
+    step("pretrain", ("--start", req), ("--out", req))
+    step("initial-points", ("--start", req), ("--out", req))
+    step(
+        "finetune",
+        ("--flow", req),
+        ("--points", req),
+        ("--out-flow", req),
+        ("--out-train", req),
+        iteration=True,
+    )
+    step(
+        "sample",
+        ("--flow", req),
+        ("--points", req),
+        ("--shard", {"type": int, "required": True}),
+        ("--n-shards", {"type": int, "required": True}),
+        ("--out", req),
+        iteration=True,
+    )
+    step("energy", ("--samples", req), ("--shard", {"type": int, "required": True}), ("--out", req))
+    step(
+        "gather",
+        ("--points", req),
+        ("--samples", {"type": P, "nargs": "+", "required": True}),
+        ("--energies", {"type": P, "nargs": "+", "required": True}),
+        ("--previous-labels", {"type": P, "default": None}),
+        ("--out", req),
+        iteration=True,
+    )
+    step("ensemble", ("--labels", req), ("--out", req), iteration=True)
+    step(
+        "evaluate",
+        ("--ensemble", req),
+        ("--points", req),
+        ("--out-metrics", req),
+        ("--out-plot", req),
+        iteration=True,
+    )
+    step("walkers", ("--ensemble", req), ("--points", req), ("--out", req), iteration=True)
+    step("select", ("--walkers", req), ("--points", req), ("--out", req), iteration=True)
+    step("check", ("--walkers", req), ("--metrics", req), ("--out", req), iteration=True)
+    step(
+        "summary",
+        ("--campaign-dir", req),
+        ("--iterations", {"type": int, "required": True}),
+        ("--out", req),
+    )
+    wf.set_defaults(func=cmd_wf)
+
+
 def _aldp():
     from .systems import get_system
 
@@ -143,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--discard-chunks", type=int, default=0, help="burn-in chunks left out")
     _add_chunk_options(p)
     ref.set_defaults(func=cmd_reference)
+    _add_wf(sub)
     return parser
 
 

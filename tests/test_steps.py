@@ -1,0 +1,219 @@
+"""Workflow steps as functions: files, counters, shards, failure injection (Müller–Brown)."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from cgflow import steps
+from cgflow.data import read_h5
+
+CFG = {
+    "campaign": "t",
+    "seed": 0,
+    "system": {"name": "mueller_brown", "options": {}},
+    "dtype": "float64",
+    "start": {
+        "n_frames": 200,
+        "stride": 20,
+        "n_points": 40,
+        "test_fraction": 0.2,
+        "cg_window": [[-2.2, -1.8]],
+        "sampler": {"step_size": 0.05},
+    },
+    "flow": {"cond_mean": [-2.0], "cond_std": [0.3]},
+    "example": {"epochs": 20, "lr": 5e-4, "batch_size": 16},
+    "energy_training": {
+        k: {
+            "epochs": 2,
+            "lr": 5e-3,
+            "batch_size": 8,
+            "rows_per_point": 10,
+            "warmup_epochs": 0,
+            "clip_early": 20,
+            "clip_late": 20,
+            "clip_switch_epoch": 0,
+            "skip_top_k": 0,
+            "old_fraction": 0.3,
+        }
+        for k in ("first", "later")
+    },
+    "backend": {"kind": "torch"},
+    "labels": {"draws": 16, "clip_top_k": 0, "relabel_all": True},
+    "energy": {
+        "backend": "torch",
+        "platform": None,
+        "n_workers": 0,
+        "torch_dtype": "float64",
+        "shards": 2,
+        "fail_shard": None,
+    },
+    "ensemble": {
+        "n_members": 3,
+        "hidden": [16, 16],
+        "activation": "sigmoid",
+        "init": "xavier",
+        "epochs": 20,
+        "lr": 1e-3,
+        "batch_size": 16,
+        "split": "bagging",
+        "train_fraction": 0.9,
+    },
+    "walkers": {
+        "n_walkers": 20,
+        "step_size": 0.1,
+        "threshold_kT": 0.01,
+        "min_steps": 0,
+        "max_steps": 500,
+        "n_candidates": 3,
+        "n_select": 2,
+        "start": [-2.0],
+    },
+    "spreading": {"kind": "uniform", "radius": 0.5, "n_per_centre": 10, "test_fraction": 0.5},
+    "max_iterations": 1,
+    "stop": {"metric": None, "threshold": None},
+}
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wf")
+    snap = steps.write_snapshot(CFG, root / "config.yaml")
+    st = steps.Settings.load(snap)
+    i0, i1 = root / "iter_000", root / "iter_001"
+    steps.start(st, i0 / "start.h5")
+    steps.pretrain(st, i0 / "start.h5", i0 / "flow.pt")
+    steps.initial_points(st, i0 / "start.h5", i0 / "points.h5")
+    steps.finetune(st, 1, i0 / "flow.pt", i0 / "points.h5", i1 / "flow.pt", i1 / "train.h5")
+    for j in range(2):
+        steps.sample(
+            st, 1, i1 / "flow.pt", i0 / "points.h5", j, 2, i1 / "samples" / f"shard_{j}.h5"
+        )
+        steps.energy(st, i1 / "samples" / f"shard_{j}.h5", j, i1 / "energies" / f"shard_{j}.h5")
+    shards = (
+        [i1 / "samples" / f"shard_{j}.h5" for j in range(2)],
+        [i1 / "energies" / f"shard_{j}.h5" for j in range(2)],
+    )
+    steps.gather(st, 1, i0 / "points.h5", *shards, i1 / "labels.h5")
+    steps.ensemble(st, 1, i1 / "labels.h5", i1 / "ensemble.pt")
+    steps.evaluate(st, 1, i1 / "ensemble.pt", i0 / "points.h5", i1 / "metrics.json", i1 / "pmf.png")
+    steps.walkers(st, 1, i1 / "ensemble.pt", i0 / "points.h5", i1 / "walkers.h5")
+    steps.select(st, 1, i1 / "walkers.h5", i0 / "points.h5", i1 / "points.h5")
+    status = steps.check(st, 1, i1 / "walkers.h5", i1 / "metrics.json", i1 / "status.json")
+    df = steps.summary(st, root, 1, root / "summary.csv")
+    return root, st, status, df
+
+
+def test_files_and_provenance(campaign):
+    root, st, status, _ = campaign
+    start = read_h5(root / "iter_000" / "start.h5", "start")
+    assert start["x"].shape == (200, 2) and start.counters["start_md"] == 1 + 200 * 20
+    assert start.attrs["config_hash"] == st.hash and start.attrs["beta"] == 0.1
+    pts = read_h5(root / "iter_000" / "points.h5", "points")
+    assert len(pts["s"]) == 40 and set(np.unique(pts["split"])) == {0, 1}
+    assert (pts["s"] >= -2.2).all() and (pts["s"] <= -1.8).all()
+    labels = read_h5(root / "iter_001" / "labels.h5", "labels")
+    n_train = int((pts["split"] == 0).sum())
+    assert len(labels["F_kT"]) == n_train and np.isfinite(labels["F_kT"]).all()
+    assert sorted(labels["point_index"]) == sorted(np.flatnonzero(pts["split"] == 0))
+    new = read_h5(root / "iter_001" / "points.h5", "points")
+    assert len(new["s"]) == 40 + 2 * 10 and (new["tag"][40:] == 1).all()
+    assert len(json.loads(new.attrs["centres"])) == 2
+    assert status == {"iteration": 1, "converged": True, "reason": "max iterations"}
+    assert (root / "iter_001" / "pmf.png").stat().st_size > 1000
+    metrics = json.loads((root / "iter_001" / "metrics.json").read_text())
+    assert {"kld", "max_abs_dF_kT", "n_train_points"} <= set(metrics)
+
+
+def test_summary_counts(campaign):
+    root, _, _, df = campaign
+    assert list(df["iteration"]) == [0, 1]
+    row = df.iloc[1]
+    train = read_h5(root / "iter_001" / "train.h5", "train")
+    n_train = int((read_h5(root / "iter_000" / "points.h5", "points")["split"] == 0).sum())
+    assert row["evals_training"] == train.counters["training"]
+    assert row["evals_labels"] == n_train * 16
+    assert (
+        row["N"]
+        == row["cum_evals_start_md"]
+        + row["cum_evals_training"]
+        + row["cum_evals_labels"]
+        + row["cum_evals_minimisation"]
+    )
+    assert (root / "summary.csv").read_text().startswith("iteration,")
+
+
+def test_sharding_does_not_change_labels(campaign, tmp_path):
+    root, st, _, _ = campaign
+    i0, i1 = root / "iter_000", root / "iter_001"
+    steps.sample(st, 1, i1 / "flow.pt", i0 / "points.h5", 0, 1, tmp_path / "s.h5")
+    steps.energy(st, tmp_path / "s.h5", 0, tmp_path / "e.h5")
+    # one shard draws with another seed, so compare the counted evaluations and the point set
+    steps.gather(
+        st, 1, i0 / "points.h5", [tmp_path / "s.h5"], [tmp_path / "e.h5"], tmp_path / "l.h5"
+    )
+    one = read_h5(tmp_path / "l.h5", "labels")
+    two = read_h5(i1 / "labels.h5", "labels")
+    assert sorted(one["point_index"]) == sorted(two["point_index"])
+    assert np.abs(np.sort(one["F_kT"]) - np.sort(two["F_kT"])).max() < 2.0
+    with pytest.raises(ValueError, match="sample shards but"):
+        steps.gather(st, 1, i0 / "points.h5", [tmp_path / "s.h5"], [], tmp_path / "x.h5")
+
+
+def test_failure_injection_and_bad_shard(campaign, tmp_path, monkeypatch):
+    root, st, _, _ = campaign
+    i0, i1 = root / "iter_000", root / "iter_001"
+    monkeypatch.setenv("CGFLOW_FAIL_SHARD", "1")
+    with pytest.raises(RuntimeError, match="failure injected into energy shard 1"):
+        steps.energy(st, i1 / "samples" / "shard_1.h5", 1, tmp_path / "e.h5")
+    assert not (tmp_path / "e.h5").exists()
+    with pytest.raises(ValueError, match="shard 3 is not in"):
+        steps.sample(st, 1, i1 / "flow.pt", i0 / "points.h5", 3, 2, tmp_path / "s.h5")
+
+
+def test_cli_snapshot_and_check(tmp_path, campaign):
+    from cgflow.cli import main
+
+    root, _, _, _ = campaign
+    assert (
+        main(["wf", "snapshot", "--json", json.dumps(CFG), "--out", str(tmp_path / "c.yaml")]) == 0
+    )
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text()) == CFG
+    i1 = root / "iter_001"
+    rc = main(
+        [
+            "wf",
+            "check",
+            "--config",
+            str(tmp_path / "c.yaml"),
+            "--iteration",
+            "1",
+            "--walkers",
+            str(i1 / "walkers.h5"),
+            "--metrics",
+            str(i1 / "metrics.json"),
+            "--out",
+            str(tmp_path / "s.json"),
+        ]
+    )
+    assert rc == 0 and json.loads((tmp_path / "s.json").read_text())["converged"]
+    assert (
+        main(
+            [
+                "wf",
+                "check",
+                "--config",
+                str(tmp_path / "missing.yaml"),
+                "--iteration",
+                "1",
+                "--walkers",
+                "x",
+                "--metrics",
+                "y",
+                "--out",
+                "z",
+            ]
+        )
+        == 2
+    )
