@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-slow lint format bench clean-venv
+.PHONY: venv test test-slow lint format bench run clean-venv
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,3 +39,7 @@ bench: venv
 
 clean-venv:
 	rm -rf $(VENV)
+
+## Run the main job: the default campaign (config/config.yaml) with the local profile
+run: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --profile profiles/local $(SNAKEMAKE_ARGS)

@@ -148,7 +148,16 @@ def cmd_wf(args: argparse.Namespace) -> int:
     elif args.step == "select":
         steps.select(st, k, args.walkers, args.points, args.out)
     elif args.step == "check":
-        status = steps.check(st, k, args.walkers, args.metrics, args.out)
+        status = steps.check(
+            st,
+            k,
+            args.walkers,
+            args.metrics,
+            args.out,
+            args.max_iterations,
+            args.stop_metric,
+            args.stop_threshold,
+        )
         print(json.dumps(status))
     elif args.step == "summary":
         steps.summary(st, args.campaign_dir, args.iterations, args.out)
@@ -212,7 +221,16 @@ def _add_wf(sub: argparse._SubParsersAction) -> None:
     )
     step("walkers", ("--ensemble", req), ("--points", req), ("--out", req), iteration=True)
     step("select", ("--walkers", req), ("--points", req), ("--out", req), iteration=True)
-    step("check", ("--walkers", req), ("--metrics", req), ("--out", req), iteration=True)
+    step(
+        "check",
+        ("--walkers", req),
+        ("--metrics", req),
+        ("--out", req),
+        ("--max-iterations", {"type": int, "default": None}),
+        ("--stop-metric", {"default": None}),
+        ("--stop-threshold", {"type": float, "default": None}),
+        iteration=True,
+    )
     step(
         "summary",
         ("--campaign-dir", req),

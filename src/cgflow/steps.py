@@ -86,15 +86,17 @@ class Settings:
         )
 
     def training_backend(self) -> Any:
+        from .systems import AnalyticSystem
+
         b = dict(self["backend"])
         kind = b.pop("kind", "torch")
         if "dtype" in b:
             b["dtype"] = getattr(torch, b["dtype"])
-        return (
-            self.system.energy_backend(kind, **b)
-            if kind != "analytic"
-            else self.system.energy_backend()
-        )
+        if isinstance(self.system, AnalyticSystem):  # a torch callable: only the precision applies
+            return self.system.energy_backend(
+                "torch", **{k: v for k, v in b.items() if k == "dtype"}
+            )
+        return self.system.energy_backend(kind, **b)
 
 
 def write_snapshot(cfg: dict[str, Any], out: str | os.PathLike) -> Path:
@@ -544,18 +546,33 @@ def select(st: Settings, iteration: int, walkers_in: Any, points_in: Any, out: A
 
 
 def check(
-    st: Settings, iteration: int, walkers_in: Any, metrics_in: Any, out: Any
+    st: Settings,
+    iteration: int,
+    walkers_in: Any,
+    metrics_in: Any,
+    out: Any,
+    max_iterations: int | None = None,
+    stop_metric: str | None = None,
+    stop_threshold: float | None = None,
 ) -> dict[str, Any]:
-    """Converged? Walkers exhausted (no ground truth needed), metric threshold, or max iterations."""
+    """Converged? Walkers exhausted (no ground truth needed), metric threshold, or max iterations.
+
+    The stop settings come as arguments (the workflow keeps them out of the config snapshot so
+    a campaign can be extended); missing ones are read from the configuration.
+    """
     d = read_h5(walkers_in, "walkers")
     metrics = json.loads(Path(metrics_in).read_text())
-    stop = st.cfg.get("stop") or {}
+    stop = dict(st.cfg.get("stop") or {})
+    if stop_metric is not None:
+        stop = {"metric": stop_metric, "threshold": stop_threshold}
+    if max_iterations is None:
+        max_iterations = int(st.cfg.get("max_iterations", 10**9))
     status = {"iteration": iteration, "converged": False, "reason": "continue"}
     if d.attrs["exhausted"] and len(d["points"]) == 0:
         status.update(converged=True, reason="walkers exhausted")
     elif stop.get("metric") and metrics.get(stop["metric"], math.inf) < stop["threshold"]:
         status.update(converged=True, reason=f"{stop['metric']} < {stop['threshold']}")
-    elif iteration >= int(st["max_iterations"]):
+    elif iteration >= max_iterations:
         status.update(converged=True, reason="max iterations")
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(status, indent=1))

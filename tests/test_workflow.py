@@ -1,0 +1,242 @@
+"""The Snakemake workflow end to end on the Müller–Brown test overlay (config/test_mb.yaml).
+
+Each test runs in a private copy of the workflow files, so results/ and .snakemake/ of the
+repository are never touched.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).parents[1]
+CAMPAIGN = "results/mb_test"
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+ENV.pop("CGFLOW_FAIL_SHARD", None)
+
+
+def workdir(tmp: Path) -> Path:
+    for name in ("Snakefile", "workflow", "config", "envs", "profiles"):
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp / name)
+    return tmp
+
+
+def snakemake(
+    wd: Path,
+    *args: str,
+    targets: tuple[str, ...] = (),
+    env: dict | None = None,
+    check: bool = True,
+    timeout: int = 900,
+):
+    # targets first: options taking several values would swallow them
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        *targets,
+        "--configfile",
+        "config/test_mb.yaml",
+        "--cores",
+        "2",
+        *args,
+    ]
+    res = subprocess.run(
+        cmd, cwd=wd, env=env or ENV, capture_output=True, text=True, timeout=timeout
+    )
+    if check and res.returncode != 0:
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+        )
+    return res
+
+
+def comparable(summary: Path) -> pd.DataFrame:
+    df = pd.read_csv(summary)
+    return df[[c for c in df.columns if not c.startswith("seconds_")]]
+
+
+def assert_same_summary(a: Path, b: Path) -> None:
+    da, db = comparable(a), comparable(b)
+    assert list(da.columns) == list(db.columns)
+    for col in da.columns:
+        if col.startswith(("evals_", "cum_evals_", "n_")) or col in (
+            "iteration",
+            "N",
+            "converged",
+            "reason",
+        ):
+            assert list(da[col]) == list(db[col]), col
+        else:
+            pd.testing.assert_series_equal(
+                da[col], db[col], rtol=1e-6, atol=1e-9, check_names=False
+            )
+
+
+@pytest.fixture(scope="module")
+def complete_run(tmp_path_factory):
+    wd = workdir(tmp_path_factory.mktemp("wf_full"))
+    t0 = time.perf_counter()
+    snakemake(wd)
+    print(f"Müller–Brown test overlay: {time.perf_counter() - t0:.0f} s")
+    return wd
+
+
+def test_end_to_end(complete_run):
+    wd = complete_run
+    df = pd.read_csv(wd / CAMPAIGN / "summary.csv")
+    assert list(df["iteration"]) == [0, 1, 2, 3]  # max_iterations 3: reaches iteration 2 and beyond
+    assert df["N"].is_monotonic_increasing and df["N"].iloc[0] == df["cum_evals_start_md"].iloc[0]
+    assert bool(df["converged"].iloc[-1]) and df["reason"].iloc[-1] in (
+        "max iterations",
+        "walkers exhausted",
+    )
+    assert (df["evals_labels"].iloc[1:] > 0).all() and (df["evals_training"].iloc[1:] > 0).all()
+    assert "seconds_finetune" in df.columns
+    for k in (1, 2, 3):
+        it = wd / CAMPAIGN / f"iter_{k:03d}"
+        for name in (
+            "flow.pt",
+            "train.h5",
+            "labels.h5",
+            "ensemble.pt",
+            "metrics.json",
+            "pmf.png",
+            "walkers.h5",
+            "points.h5",
+            "status.json",
+        ):
+            assert (it / name).exists(), it / name
+        assert sorted(p.name for p in (it / "energies").iterdir()) == ["shard_0.h5", "shard_1.h5"]
+        assert (wd / CAMPAIGN / "logs" / "finetune" / f"iter_{k:03d}.log").exists()
+    # no temporary file left behind
+    assert not list((wd / CAMPAIGN).rglob(".*.tmp*"))
+    again = snakemake(wd, "-n")
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_forcerun_redoes_iteration_two_onward(complete_run):
+    wd = complete_run
+    before = {
+        p: p.stat().st_mtime_ns
+        for p in (wd / CAMPAIGN).rglob("*")
+        if p.is_file() and p.suffix in (".h5", ".pt", ".json")
+    }
+    snakemake(wd, "--forcerun", f"{CAMPAIGN}/iter_002/flow.pt")
+    changed = {p for p, t in before.items() if p.stat().st_mtime_ns != t}
+    assert changed, "nothing was rerun"
+    iterations = {p.relative_to(wd / CAMPAIGN).parts[0] for p in changed}
+    assert iterations <= {"iter_002", "iter_003"} and "iter_002" in iterations
+
+
+def test_failed_shard_reruns_only_that_shard(tmp_path, complete_run):
+    wd = workdir(tmp_path)
+    res = snakemake(wd, env={**ENV, "CGFLOW_FAIL_SHARD": "1"}, check=False)
+    assert res.returncode != 0
+    failed_log = wd / CAMPAIGN / "logs" / "energy" / "iter_001_shard_1.log"
+    assert "failure injected into energy shard 1" in failed_log.read_text()
+    assert not (wd / CAMPAIGN / "iter_001" / "energies" / "shard_1.h5").exists()
+    done = {p: p.stat().st_mtime_ns for p in (wd / CAMPAIGN).rglob("*.h5")}
+    plan = snakemake(wd, "-n", "--quiet", "rules")
+    assert (
+        "energy" in plan.stdout
+        and "start" not in plan.stdout.split()
+        and "sample" not in plan.stdout.split()
+    )
+    snakemake(wd)
+    assert all(p.stat().st_mtime_ns == t for p, t in done.items()), "a finished job was rerun"
+    assert_same_summary(wd / CAMPAIGN / "summary.csv", complete_run / CAMPAIGN / "summary.csv")
+
+
+def test_kill_and_resume_gives_the_same_summary(tmp_path, complete_run):
+    wd = workdir(tmp_path)
+    cmd = [sys.executable, "-m", "snakemake", "--configfile", "config/test_mb.yaml", "--cores", "2"]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=wd,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    target = wd / CAMPAIGN / "iter_002" / "flow.pt"
+    deadline = time.time() + 600
+    while not target.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert target.exists(), "the run did not reach iteration 2"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (wd / CAMPAIGN / "summary.csv").exists()
+    # no half-written file under a declared output name: every HDF5 output opens
+    from cgflow.data import read_kind
+
+    for p in (wd / CAMPAIGN).rglob("*.h5"):
+        assert read_kind(p)
+    snakemake(wd, "--unlock")  # a killed Snakemake leaves its lock behind
+    snakemake(wd, "--rerun-incomplete")
+    assert_same_summary(wd / CAMPAIGN / "summary.csv", complete_run / CAMPAIGN / "summary.csv")
+
+
+def test_dry_run_plans(tmp_path):
+    wd = workdir(tmp_path)
+    res = snakemake(wd, "-n", "--quiet", "rules", targets=(f"{CAMPAIGN}/iter_002/points.h5",))
+    counts = {}
+    for line in res.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    expected = {
+        "config_snapshot": 1,
+        "start": 1,
+        "pretrain": 1,
+        "initial_points": 1,
+        "finetune": 2,
+        "sample": 4,
+        "energy": 4,
+        "gather": 2,
+        "ensemble": 2,
+        "walkers": 2,
+        "select": 2,
+    }
+    assert {k: counts.get(k) for k in expected} == expected, res.stdout
+    assert counts.get("total") == sum(expected.values())
+    plain = snakemake(wd, "-n")
+    assert "start" in plain.stdout
+
+
+def test_bad_config_key_fails_before_any_job(tmp_path):
+    wd = workdir(tmp_path)
+    res = snakemake(wd, "-n", "--config", "bogus_key=1", check=False)
+    assert res.returncode != 0 and "bogus_key" in res.stdout + res.stderr
+    assert not (wd / "results").exists()
+
+
+def test_lint_and_format():
+    res = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint"],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    fmt = subprocess.run(
+        [str(Path(sys.executable).parent / "snakefmt"), "--check", "Snakefile", "workflow"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+def test_slurm_profile_dry_run_resolves_resources(tmp_path):
+    wd = workdir(tmp_path)
+    res = snakemake(wd, "-n", "--profile", "profiles/slurm")
+    assert res.returncode == 0

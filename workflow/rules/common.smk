@@ -1,0 +1,196 @@
+"""Configuration, path and iteration helpers, and the convergence walk.
+
+Only functions live here (no rules). The iteration rules depend on iteration k-1 through plain
+path functions and never touch a checkpoint; only the final aggregator (rule summary) walks
+the per-iteration checkpoints `check` (see `last_iteration`).
+"""
+
+import json
+import re
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+# Fails before any job is planned, naming a wrong key or value; fills in the schema defaults.
+validate(config, "../schemas/config.schema.yaml")
+
+SHARDS = list(range(config["energy"]["shards"]))
+
+
+wildcard_constraints:
+    # only the configured campaign: the config snapshot belongs to exactly one campaign
+    campaign=re.escape(config["campaign"]),
+    # zero-padded, 001-999; iteration 000 (start, pretrain, initial points) has literal paths
+    iteration=r"(?!000)\d{3}",
+    # shard index 0..shards-1 without leading zeros
+    shard=r"0|[1-9]\d*",
+
+
+# ---------------------------------------------------------------------------------- paths
+def campaign_dir(campaign):
+    """results/<campaign>"""
+    return f"results/{campaign}"
+
+
+def iteration_file(campaign, k, name):
+    """results/<campaign>/iter_<kkk>/<name>"""
+    return f"{campaign_dir(campaign)}/iter_{k:03d}/{name}"
+
+
+def final_output():
+    """Target of `rule all`, the campaign summary (the aggregator walks the checkpoints)."""
+    return f"{campaign_dir(config['campaign'])}/summary.csv"
+
+
+def config_snapshot(wildcards):
+    """The validated config written by rule config_snapshot; input `cfg` of every rule."""
+    return f"{campaign_dir(wildcards.campaign)}/config.yaml"
+
+
+# Keys that only decide when to stop: passed to the checkpoint `check` as params instead of
+# living in the snapshot, so raising max_iterations (or changing the stop rule) extends a
+# campaign instead of rerunning it from the start.
+STOP_KEYS = ("max_iterations", "stop")
+
+
+def config_json(wildcards):
+    """The validated config (defaults filled in, stop keys left out) as JSON, for rule
+    config_snapshot."""
+    return json.dumps(
+        {k: v for k, v in config.items() if k not in STOP_KEYS}, sort_keys=True
+    )
+
+
+def stop_options(wildcards):
+    """CLI flags of `cgflow wf check`: the iteration limit and the optional metric rule."""
+    opts = f"--max-iterations {config['max_iterations']}"
+    stop = config.get("stop") or {}
+    if stop.get("metric"):
+        opts += f" --stop-metric {stop['metric']} --stop-threshold {stop['threshold']}"
+    return opts
+
+
+def campaign_folder(wildcards):
+    """results/<campaign>, for `cgflow wf summary --campaign-dir`."""
+    return campaign_dir(wildcards.campaign)
+
+
+# ----------------------------------------------------------------------------- iterations
+def iteration(wildcards):
+    """The iteration wildcard as an integer (passed to the CLI as --iteration)."""
+    return int(wildcards.iteration)
+
+
+def prev(wildcards):
+    """Number of the previous iteration, k - 1."""
+    return iteration(wildcards) - 1
+
+
+def previous(name):
+    """Input function: file `name` of iteration k - 1 (iter_000 is the start)."""
+
+    def previous_file(wildcards):
+        return iteration_file(wildcards.campaign, prev(wildcards), name)
+
+    previous_file.__name__ = f"previous_{name.replace('.', '_')}"
+    return previous_file
+
+
+def shard_files(folder):
+    """Input function: every shard file `<folder>/shard_<j>.h5` of iteration k."""
+
+    def all_shards(wildcards):
+        return [
+            iteration_file(
+                wildcards.campaign, iteration(wildcards), f"{folder}/shard_{j}.h5"
+            )
+            for j in SHARDS
+        ]
+
+    all_shards.__name__ = f"all_{folder}_shards"
+    return all_shards
+
+
+def n_shards(wildcards):
+    """Number of energy shards (from the config)."""
+    return len(SHARDS)
+
+
+def gather_inputs(wildcards):
+    """Inputs of gather: previous points, all sample and energy shards, and the previous
+    iteration's labels when labels are not recomputed for all points (k >= 2)."""
+    k = iteration(wildcards)
+    inputs = {
+        "cfg": config_snapshot(wildcards),
+        "points": iteration_file(wildcards.campaign, k - 1, "points.h5"),
+        "samples": shard_files("samples")(wildcards),
+        "energies": shard_files("energies")(wildcards),
+    }
+    if not config["labels"]["relabel_all"] and k >= 2:
+        inputs["previous_labels"] = iteration_file(
+            wildcards.campaign, k - 1, "labels.h5"
+        )
+    return inputs
+
+
+def previous_labels_option(wildcards, input):
+    """`--previous-labels <file>` when gather has that input, else nothing."""
+    if "previous_labels" in input.keys():
+        return f"--previous-labels {input.previous_labels}"
+    return ""
+
+
+# ----------------------------------------------------------------------- convergence walk
+def read_status(path):
+    """The `converged` flag of a checkpoint's status.json."""
+    with open(path) as fh:
+        status = json.load(fh)
+    if not isinstance(status, dict) or not isinstance(status.get("converged"), bool):
+        raise WorkflowError(
+            f"{path}: expected a JSON object with a boolean 'converged'"
+        )
+    return status["converged"]
+
+
+def last_iteration(campaign):
+    """Walk the checkpoints k = 1, 2, ... until one is converged or max_iterations.
+
+    checkpoints.check.get raises IncompleteCheckpointException while iteration k's status is
+    missing; Snakemake then schedules that iteration and re-evaluates this function after the
+    checkpoint job has run. Never catch that exception here.
+    """
+    n = config["max_iterations"]
+    for k in range(1, n + 1):
+        job = checkpoints.check.get(campaign=campaign, iteration=f"{k:03d}")
+        if read_status(job.output.status):
+            return k
+    return n
+
+
+def summary_inputs(wildcards):
+    """Per-iteration inputs of the aggregator, for iterations 1..N found by the walk (the
+    iter_000 files and the config are plain inputs of rule summary)."""
+    campaign = wildcards.campaign
+    its = range(1, last_iteration(campaign) + 1)
+    names = {
+        "status": "status.json",
+        "metrics": "metrics.json",
+        "train": "train.h5",
+        "labels": "labels.h5",
+        "points": "points.h5",
+    }
+    return {
+        key: [iteration_file(campaign, k, name) for k in its]
+        for key, name in names.items()
+    }
+
+
+def summary_iterations(wildcards, input):
+    """N, the last iteration found by the walk (= number of status files in the input).
+
+    While the walk waits for a checkpoint, the input is only that checkpoint's placeholder;
+    the job is rebuilt (and this re-evaluated) after the checkpoint has run.
+    """
+    if "status" not in input.keys():
+        return "<TBD>"
+    return len(input.status)

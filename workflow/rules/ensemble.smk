@@ -1,0 +1,50 @@
+# Free-energy ensemble fitted to the labels of iteration k, and its evaluation.
+
+
+rule ensemble:
+    input:
+        cfg=config_snapshot,
+        labels="results/{campaign}/iter_{iteration}/labels.h5",
+    output:
+        "results/{campaign}/iter_{iteration}/ensemble.pt",
+    log:
+        "results/{campaign}/logs/ensemble/iter_{iteration}.log",
+    benchmark:
+        "results/{campaign}/benchmarks/ensemble/iter_{iteration}.tsv"
+    conda:
+        "../../envs/cgflow.yaml"
+    resources:
+        runtime=60,
+        mem_mb=4000,
+    params:
+        k=iteration,
+    shell:
+        "cgflow wf ensemble --config {input.cfg} --iteration {params.k}"
+        " --labels {input.labels} --out {output} > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        cfg=config_snapshot,
+        ensemble="results/{campaign}/iter_{iteration}/ensemble.pt",
+        points=previous("points.h5"),
+    output:
+        metrics="results/{campaign}/iter_{iteration}/metrics.json",
+        plot=report(
+            "results/{campaign}/iter_{iteration}/pmf.png",
+            caption="../report/pmf.rst",
+            category="PMF",
+            labels={"campaign": "{campaign}", "iteration": "{iteration}"},
+        ),
+    log:
+        "results/{campaign}/logs/evaluate/iter_{iteration}.log",
+    benchmark:
+        "results/{campaign}/benchmarks/evaluate/iter_{iteration}.tsv"
+    conda:
+        "../../envs/cgflow.yaml"
+    params:
+        k=iteration,
+    shell:
+        "cgflow wf evaluate --config {input.cfg} --iteration {params.k}"
+        " --ensemble {input.ensemble} --points {input.points}"
+        " --out-metrics {output.metrics} --out-plot {output.plot} > {log} 2>&1"

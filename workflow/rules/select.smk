@@ -1,0 +1,67 @@
+# CG walkers on the ensemble of iteration k, the next CG points, and the convergence decision.
+# The checkpoint `check` is read only by the aggregator (common.smk: last_iteration); keep it
+# out of any group.
+
+
+rule walkers:
+    input:
+        cfg=config_snapshot,
+        ensemble="results/{campaign}/iter_{iteration}/ensemble.pt",
+        points=previous("points.h5"),
+    output:
+        "results/{campaign}/iter_{iteration}/walkers.h5",
+    log:
+        "results/{campaign}/logs/walkers/iter_{iteration}.log",
+    benchmark:
+        "results/{campaign}/benchmarks/walkers/iter_{iteration}.tsv"
+    conda:
+        "../../envs/cgflow.yaml"
+    params:
+        k=iteration,
+    shell:
+        "cgflow wf walkers --config {input.cfg} --iteration {params.k}"
+        " --ensemble {input.ensemble} --points {input.points} --out {output}"
+        " > {log} 2>&1"
+
+
+rule select:
+    input:
+        cfg=config_snapshot,
+        walkers="results/{campaign}/iter_{iteration}/walkers.h5",
+        points=previous("points.h5"),
+    output:
+        "results/{campaign}/iter_{iteration}/points.h5",
+    log:
+        "results/{campaign}/logs/select/iter_{iteration}.log",
+    benchmark:
+        "results/{campaign}/benchmarks/select/iter_{iteration}.tsv"
+    conda:
+        "../../envs/cgflow.yaml"
+    params:
+        k=iteration,
+    shell:
+        "cgflow wf select --config {input.cfg} --iteration {params.k}"
+        " --walkers {input.walkers} --points {input.points} --out {output}"
+        " > {log} 2>&1"
+
+
+checkpoint check:
+    input:
+        cfg=config_snapshot,
+        walkers="results/{campaign}/iter_{iteration}/walkers.h5",
+        metrics="results/{campaign}/iter_{iteration}/metrics.json",
+    output:
+        status="results/{campaign}/iter_{iteration}/status.json",
+    log:
+        "results/{campaign}/logs/check/iter_{iteration}.log",
+    benchmark:
+        "results/{campaign}/benchmarks/check/iter_{iteration}.tsv"
+    conda:
+        "../../envs/cgflow.yaml"
+    params:
+        k=iteration,
+        stop=stop_options,
+    shell:
+        "cgflow wf check --config {input.cfg} --iteration {params.k} {params.stop}"
+        " --walkers {input.walkers} --metrics {input.metrics} --out {output.status}"
+        " > {log} 2>&1"
