@@ -139,21 +139,29 @@ def _seed(base: int, iteration: int, stage: int) -> int:
     return (base * 1_000_003 + iteration * 101 + stage) % (2**31 - 1)
 
 
-def run_campaign(
+def within_window(
+    s: torch.Tensor, x_fg: torch.Tensor, window: tuple[tuple[float, float], ...] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the frames whose CG values lie in ``window`` (``[low, high]`` per coordinate)."""
+    if window is None:
+        return s, x_fg
+    inside = torch.ones(len(s), dtype=torch.bool)
+    for j, (lo, hi) in enumerate(window):
+        inside &= (s[:, j] >= lo) & (s[:, j] <= hi)
+    if not bool(inside.any()):
+        raise ValueError(f"no starting frame has CG values inside cg_window {window}")
+    return s[inside], x_fg[inside]
+
+
+def _iteration_zero(
     config: CampaignConfig,
-    evaluate: Callable[[FreeEnergyEnsemble, System], dict[str, float]] | None = None,
-    stop_metric: tuple[str, float] | None = None,
-    log: Callable[[str], None] = lambda msg: None,
-) -> CampaignResult:
-    """Run the loop to convergence; ``evaluate(ensemble, system)`` gives metrics per iteration."""
+) -> tuple[System, EvaluationCounter, torch.nn.Module, torch.optim.Optimizer, torch.Tensor]:
+    """Starting data (counted) and training by example: system, counter, flow, optimizer, CG values."""
     torch.manual_seed(config.seed)
     dtype = getattr(torch, config.dtype)
     opts = dict(config.system)
     system = get_system(opts.pop("name"), **opts)
     counter = EvaluationCounter()
-    t0 = time.perf_counter()
-
-    # iteration 0: starting data, training by example, initial points
     run = short_run(
         system,
         config.start.n_frames,
@@ -162,19 +170,23 @@ def run_campaign(
         **config.start.sampler,
     )
     counter.merge([run.counts])
-    s0, x_fg = cg_values(system, run.frames, dtype)
-    if config.start.cg_window is not None:
-        inside = torch.ones(len(s0), dtype=torch.bool)
-        for j, (lo, hi) in enumerate(config.start.cg_window):
-            inside &= (s0[:, j] >= lo) & (s0[:, j] <= hi)
-        if not bool(inside.any()):
-            raise ValueError(
-                f"no starting frame has CG values inside cg_window {config.start.cg_window}"
-            )
-        s0, x_fg = s0[inside], x_fg[inside]
+    s0, x_fg = within_window(*cg_values(system, run.frames, dtype), config.start.cg_window)
     flow = build_flow(system, **config.flow).to(dtype)
     opt = torch.optim.Adam(flow.parameters(), lr=config.example.lr)
     train_by_example(flow, s0, x_fg, config.example, optimizer=opt)
+    return system, counter, flow, opt, s0
+
+
+def run_campaign(
+    config: CampaignConfig,
+    evaluate: Callable[[FreeEnergyEnsemble, System], dict[str, float]] | None = None,
+    stop_metric: tuple[str, float] | None = None,
+    log: Callable[[str], None] = lambda msg: None,
+) -> CampaignResult:
+    """Run the loop to convergence; ``evaluate(ensemble, system)`` gives metrics per iteration."""
+    dtype = getattr(torch, config.dtype)
+    t0 = time.perf_counter()
+    system, counter, flow, opt, s0 = _iteration_zero(config)
     pts = s0
     if config.start.n_points and config.start.n_points < len(pts):
         gen = torch.Generator().manual_seed(_seed(config.seed, 0, 1))
@@ -350,23 +362,8 @@ def run_grid_campaign(
     run); every ``eval_every`` epochs all training points are labelled, the ensemble is refitted
     and evaluated (one record each).
     """
-    torch.manual_seed(config.seed)
     dtype = getattr(torch, config.dtype)
-    opts = dict(config.system)
-    system = get_system(opts.pop("name"), **opts)
-    counter = EvaluationCounter()
-    run = short_run(
-        system,
-        config.start.n_frames,
-        config.start.stride,
-        seed=_seed(config.seed, 0, 0),
-        **config.start.sampler,
-    )
-    counter.merge([run.counts])
-    s0, x_fg = cg_values(system, run.frames, dtype)
-    flow = build_flow(system, **config.flow).to(dtype)
-    opt = torch.optim.Adam(flow.parameters(), lr=config.example.lr)
-    train_by_example(flow, s0, x_fg, config.example, optimizer=opt)
+    system, counter, flow, opt, _ = _iteration_zero(config)
     pts = grid_points(system, per_axis, dtype)
     tr, _ = split_points(len(pts), config.spreading.test_fraction, seed=_seed(config.seed, 0, 2))
     train = pts[tr]

@@ -161,19 +161,14 @@ def start(st: Settings, out: Any) -> None:
 
 
 def _start_values(st: Settings, start_h5: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    from .campaign import within_window
     from .training import cg_values
 
     d = read_h5(start_h5, "start")
-    s, x_fg = cg_values(st.system, d["x"], st.dtype)
     window = st["start"].get("cg_window")
-    if window:
-        inside = torch.ones(len(s), dtype=torch.bool)
-        for j, (lo, hi) in enumerate(window):
-            inside &= (s[:, j] >= lo) & (s[:, j] <= hi)
-        if not bool(inside.any()):
-            raise ValueError(f"no starting frame has CG values inside start.cg_window {window}")
-        s, x_fg = s[inside], x_fg[inside]
-    return s, x_fg
+    return within_window(
+        *cg_values(st.system, d["x"], st.dtype), tuple(map(tuple, window)) if window else None
+    )
 
 
 def pretrain(st: Settings, start_h5: Any, out: Any) -> None:
