@@ -139,6 +139,26 @@ def _seed(base: int, iteration: int, stage: int) -> int:
     return (base * 1_000_003 + iteration * 101 + stage) % (2**31 - 1)
 
 
+def fit_ensemble(
+    e: EnsembleConfig, periodic: list[bool], s: torch.Tensor, f_kT: torch.Tensor, seed: int
+) -> FreeEnergyEnsemble:
+    """A new ensemble of ``e``'s shape fitted to labels ``f_kT`` at CG points ``s``."""
+    ensemble = FreeEnergyEnsemble(
+        e.n_members, periodic, hidden=tuple(e.hidden), activation=e.activation, init=e.init
+    )
+    ensemble.fit(
+        s,
+        f_kT,
+        epochs=e.epochs,
+        lr=e.lr,
+        batch_size=e.batch_size,
+        split=e.split,
+        train_fraction=e.train_fraction,
+        seed=seed,
+    )
+    return ensemble
+
+
 def within_window(
     s: torch.Tensor, x_fg: torch.Tensor, window: tuple[tuple[float, float], ...] | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,19 +258,8 @@ def run_campaign(
             labelled, labels_f = to_label, lab.F_kT
         else:
             labelled, labels_f = torch.cat([labelled, to_label]), torch.cat([labels_f, lab.F_kT])
-        e = config.ensemble
-        ensemble = FreeEnergyEnsemble(
-            e.n_members, periodic, hidden=tuple(e.hidden), activation=e.activation, init=e.init
-        )
-        ensemble.fit(
-            labelled,
-            labels_f,
-            epochs=e.epochs,
-            lr=e.lr,
-            batch_size=e.batch_size,
-            split=e.split,
-            train_fraction=e.train_fraction,
-            seed=_seed(config.seed, k, 5),
+        ensemble = fit_ensemble(
+            config.ensemble, periodic, labelled, labels_f, _seed(config.seed, k, 5)
         )
         metrics = evaluate(ensemble, system) if evaluate else {}
         w = config.walkers
@@ -395,19 +404,8 @@ def run_grid_campaign(
             seed=_seed(config.seed, k, 4),
         )
         lab = pmf_labels(log_w, clip_top_k=config.labels.clip_top_k)
-        e = config.ensemble
-        ensemble = FreeEnergyEnsemble(
-            e.n_members, periodic, hidden=tuple(e.hidden), activation=e.activation, init=e.init
-        )
-        ensemble.fit(
-            train,
-            lab.F_kT,
-            epochs=e.epochs,
-            lr=e.lr,
-            batch_size=e.batch_size,
-            split=e.split,
-            train_fraction=e.train_fraction,
-            seed=_seed(config.seed, k, 5),
+        ensemble = fit_ensemble(
+            config.ensemble, periodic, train, lab.F_kT, _seed(config.seed, k, 5)
         )
         metrics = evaluate(ensemble, system) if evaluate else {}
         records.append(

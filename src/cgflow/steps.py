@@ -429,26 +429,17 @@ def gather(
 
 
 def ensemble(st: Settings, iteration: int, labels_in: Any, out: Any) -> None:
-    from .free_energy import FreeEnergyEnsemble
+    from .campaign import EnsembleConfig, fit_ensemble
 
     d = read_h5(labels_in, "labels")
-    e = st["ensemble"]
-    ens = FreeEnergyEnsemble(
-        e["n_members"],
+    e = EnsembleConfig(**{**st["ensemble"], "hidden": tuple(st["ensemble"]["hidden"])})
+    seed = stage_seed(st.seed, iteration, "ensemble")
+    ens = fit_ensemble(
+        e,
         list(st.system.cg_spec.periodic),
-        hidden=tuple(e["hidden"]),
-        activation=e["activation"],
-        init=e["init"],
-    )
-    ens.fit(
         torch.as_tensor(d["s"]),
         torch.as_tensor(d["F_kT"]),
-        epochs=e["epochs"],
-        lr=e["lr"],
-        batch_size=e["batch_size"],
-        split=e["split"],
-        train_fraction=e["train_fraction"],
-        seed=stage_seed(st.seed, iteration, "ensemble"),
+        seed,
     )
     with atomic_path(out) as tmp:
         ens.save(tmp)
