@@ -11,7 +11,11 @@ from snakemake.utils import min_version
 min_version("9.21.1")
 
 
-configfile: "config/config.yaml"
+# The default main job. A --configfile on the command line replaces it whole (a nested merge
+# would leak free-form keys such as flow hyperparameters from one system into another).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 report: "workflow/report/workflow.rst"
