@@ -361,9 +361,21 @@ def energy(st: Settings, samples_in: Any, shard: int, out: Any) -> None:
             "shard": shard,
             "backend": kind,
             "backend_options": {k: str(v) for k, v in opts.items()},
+            **job_environment(),
         },
         counters={"labels": n_eval},
     )
+
+
+#: environment variables recorded with each energy shard (which devices and cluster job it saw)
+JOB_ENVIRONMENT = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_JOB_GPUS", "SLURM_GPUS")
+
+
+def job_environment() -> dict[str, str]:
+    """``env_<NAME>`` attributes for the variables of :data:`JOB_ENVIRONMENT` that are set."""
+    env = {f"env_{k}": os.environ[k] for k in JOB_ENVIRONMENT if k in os.environ}
+    print(f"job environment: {env or 'no scheduler or GPU variables set'}", flush=True)
+    return env
 
 
 def _detach(u: Any) -> Any:
