@@ -13,6 +13,7 @@ from cgflow.flows import (
     assemble,
     build_flow,
     load_flow,
+    load_optimizer,
     save_flow,
     scaling_for,
     split,
@@ -235,6 +236,30 @@ def test_save_load_roundtrip(tmp_path):
     x2, lq2 = loaded.sample(s, generator=torch.Generator().manual_seed(9))
     assert torch.equal(x1, x2) and torch.equal(lq1, lq2)
     assert torch.equal(flow.log_prob(x1, s), loaded.log_prob(x1, s))
+
+
+def test_optimizer_state_travels_with_the_flow(tmp_path):
+    """Adam moments saved with a flow are restored (cast to the parameters), lr is overridden."""
+    flow = small_flow("float64")
+    opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
+    s = cg_points(16)
+    for _ in range(3):
+        x, log_q = flow.sample(s, generator=torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        (log_q.mean() + x.pow(2).mean()).backward()
+        opt.step()
+    save_flow(flow, tmp_path / "with_opt.pt", optimizer=opt)
+    loaded, _ = load_flow(tmp_path / "with_opt.pt")
+    loaded = loaded.to(torch.float32)
+    restored = load_optimizer(tmp_path / "with_opt.pt", loaded, lr=5e-4)
+    assert restored.param_groups[0]["lr"] == 5e-4
+    for p_old, p_new in zip(flow.parameters(), loaded.parameters(), strict=True):
+        st_old, st_new = opt.state[p_old], restored.state[p_new]
+        assert int(st_new["step"]) == 3
+        assert st_new["exp_avg"].dtype == torch.float32
+        torch.testing.assert_close(st_new["exp_avg_sq"], st_old["exp_avg_sq"].float())
+    save_flow(flow, tmp_path / "plain.pt")  # no optimizer stored: a fresh Adam
+    assert load_optimizer(tmp_path / "plain.pt", loaded, lr=1e-4).state == {}
 
 
 def test_load_rejects_other_files(tmp_path):

@@ -18,6 +18,7 @@ from cgflow.training import (
     log_target_from_internal,
     reverse_kl_losses,
     robust_mean,
+    soft_cut,
     train_by_energy,
     train_by_example,
 )
@@ -53,6 +54,22 @@ def test_backend_energy_nan_rows_give_zero_gradient():
     u = BackendEnergy.apply(x, Nan())
     u[:1].sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_soft_cut_is_identity_below_and_logarithmic_above():
+    u = torch.tensor(
+        [-40.0, 0.0, 199.0, 200.0, 201.0, 1e6], dtype=torch.float64, requires_grad=True
+    )
+    out = soft_cut(u, 200.0)
+    expected = torch.tensor(
+        [-40.0, 0.0, 199.0, 200.0, 200.0 + math.log(2.0), 200.0 + math.log1p(1e6 - 200)]
+    )
+    torch.testing.assert_close(out.detach(), expected.double())
+    out.sum().backward()
+    torch.testing.assert_close(
+        u.grad, torch.tensor([1.0, 1.0, 1.0, 1.0, 0.5, 1 / (1e6 - 199)], dtype=torch.float64)
+    )
+    assert soft_cut(u, None) is u
 
 
 def test_robust_mean():

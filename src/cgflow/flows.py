@@ -666,8 +666,15 @@ def _plain(obj: Any, where: str = "extra") -> Any:
     raise TypeError(f"{where}: cannot store a {type(obj).__name__} in a flow file")
 
 
-def save_flow(flow: Flow, path: str | os.PathLike, extra: dict | None = None) -> None:
-    """Write ``flow`` (hparams + state dict) and ``extra`` (plain values) to ``path`` atomically."""
+def save_flow(
+    flow: Flow,
+    path: str | os.PathLike,
+    extra: dict | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> None:
+    """Write ``flow`` (hparams + state dict), ``extra`` (plain values) and optionally the state of
+    its ``optimizer`` (so that the next training phase continues with the same Adam moments, as
+    the original code does) to ``path`` atomically."""
     payload = {
         "format": FILE_FORMAT,
         "version": FILE_VERSION,
@@ -676,6 +683,8 @@ def save_flow(flow: Flow, path: str | os.PathLike, extra: dict | None = None) ->
         "state_dict": {k: v.detach().cpu() for k, v in flow.state_dict().items()},
         "extra": _plain(extra or {}),
     }
+    if optimizer is not None:
+        payload["optimizer"] = _to_cpu(optimizer.state_dict())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -714,6 +723,29 @@ def load_flow(
     flow = _KINDS[kind](**hparams)
     flow.load_state_dict(payload["state_dict"])
     return flow.to(map_location), payload["extra"]
+
+
+def load_optimizer(path: str | os.PathLike, flow: Flow, lr: float) -> torch.optim.Adam:
+    """Adam over ``flow``'s parameters, continuing from the state stored in the flow file at
+    ``path`` when there is one (moments cast to the parameters' dtype), with learning rate ``lr``."""
+    opt = torch.optim.Adam(flow.parameters(), lr=lr)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    state = payload.get("optimizer") if isinstance(payload, dict) else None
+    if state is not None:
+        opt.load_state_dict(state)
+        for group in opt.param_groups:
+            group["lr"] = lr
+    return opt
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 # ---------------------------------------------------------------------- internal vectors

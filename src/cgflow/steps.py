@@ -180,7 +180,8 @@ def pretrain(st: Settings, start_h5: Any, out: Any) -> None:
     torch.manual_seed(stage_seed(st.seed, 0, "start"))
     flow = build_flow(st.system, **(st["flow"] or {})).to(st.dtype)
     ex = ExampleConfig(**st["example"], seed=stage_seed(st.seed, 0, "start"))
-    hist = train_by_example(flow, s, x_fg, ex)
+    opt = torch.optim.Adam(flow.parameters(), lr=ex.lr)
+    hist = train_by_example(flow, s, x_fg, ex, optimizer=opt)
     save_flow(
         flow,
         out,
@@ -190,6 +191,7 @@ def pretrain(st: Settings, start_h5: Any, out: Any) -> None:
             "config_hash": st.hash,
             "dtype": st.cfg.get("dtype"),
         },
+        optimizer=opt,
     )
 
 
@@ -219,7 +221,7 @@ def finetune(
 ) -> None:
     """Reverse-KL training on the points added in iteration k−1 plus a fraction of older ones."""
     from .energy.counting import EvaluationCounter
-    from .flows import load_flow, save_flow
+    from .flows import load_flow, load_optimizer, save_flow
     from .training import EnergyConfig, train_by_energy
 
     flow, _ = load_flow(flow_in)
@@ -232,8 +234,16 @@ def finetune(
     cfg = EnergyConfig(**section, seed=stage_seed(st.seed, iteration, "finetune"))
     counter = EvaluationCounter()
     torch.manual_seed(cfg.seed)
+    opt = load_optimizer(flow_in, flow, cfg.lr)  # Adam moments carry over between iterations
     hist = train_by_energy(
-        flow, st.system, st.training_backend(), latest, cfg, counter, old_points=older
+        flow,
+        st.system,
+        st.training_backend(),
+        latest,
+        cfg,
+        counter,
+        old_points=older,
+        optimizer=opt,
     )
     save_flow(
         flow,
@@ -244,6 +254,7 @@ def finetune(
             "counters": counter.as_dict(),
             "backend": st["backend"],
         },
+        optimizer=opt,
     )
     write_h5(
         train_out,

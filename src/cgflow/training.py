@@ -46,13 +46,29 @@ class BackendEnergy(torch.autograd.Function):
         return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0), None
 
 
+def soft_cut(u_kT: torch.Tensor, cut_kT: float | None) -> torch.Tensor:
+    """Reduced energies continued logarithmically above ``cut_kT``: ``cut + log(1 + u − cut)``.
+
+    Identity below the cut (and with ``cut_kT=None``); above it the gradient is ``1/(1 + u − cut)``,
+    so a few clashing draws (``u`` of 1e6 kT) cannot dominate a training batch.
+    """
+    if cut_kT is None:
+        return u_kT
+    excess = torch.clamp(u_kT - cut_kT, min=0.0)
+    return u_kT - excess + torch.log1p(excess)
+
+
 def log_target_from_internal(
-    system: System, z: torch.Tensor, backend: EnergyBackend
+    system: System, z: torch.Tensor, backend: EnergyBackend, energy_cut_kT: float | None = None
 ) -> torch.Tensor:
-    """``log p̃(z) = −beta U(x(z)) + log|det dx/dz|`` with energies from ``backend``."""
+    """``log p̃(z) = −beta U(x(z)) + log|det dx/dz|`` with energies from ``backend``.
+
+    With ``energy_cut_kT`` the reduced energy passes through :func:`soft_cut` (training only;
+    PMF labels always use the exact energies).
+    """
     x, log_det = system.to_cartesian(z)
     u = BackendEnergy.apply(x, backend)
-    return -system.beta * u + log_det
+    return -soft_cut(system.beta * u, energy_cut_kT) + log_det
 
 
 @dataclass
@@ -149,6 +165,7 @@ class EnergyConfig:
     schedule: str = "constant"  #: after warm-up: "constant" or "cosine" (to 0 at schedule_epochs)
     schedule_epochs: int = 0  #: length of the cosine schedule (global epochs)
     epoch_offset: int = 0  #: global epoch of this call's first epoch (schedules span calls)
+    energy_cut_kT: float | None = None  #: soft cut of reduced energies in the loss (None = off)
 
     def __post_init__(self) -> None:
         if self.schedule not in ("constant", "cosine"):
@@ -196,6 +213,7 @@ def reverse_kl_losses(
     counter: EvaluationCounter,
     kind: str = "training",
     generator: torch.Generator | None = None,
+    energy_cut_kT: float | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Per-row losses ``log q − log p̃`` (NaN for rejected draws); energy calls are counted."""
     d = draw(flow, system, s, generator)
@@ -205,7 +223,7 @@ def reverse_kl_losses(
         counter.add("training_draws", s.shape[0])
     counter.add(kind, n_kept)
     if n_kept:
-        log_p = log_target_from_internal(system, d.z[d.kept], backend)
+        log_p = log_target_from_internal(system, d.z[d.kept], backend, energy_cut_kT)
         losses = losses.index_put((d.kept,), d.log_q[d.kept] - log_p.to(d.log_q.dtype))
     return losses, s.shape[0] - n_kept
 
@@ -250,7 +268,13 @@ def train_by_energy(
         total, n_batches, dropped, rejected, skipped = 0.0, 0, 0, 0, 0
         for start in range(0, rows.shape[0] - bs + 1, bs):
             losses, n_rej = reverse_kl_losses(
-                flow, system, backend, rows[start : start + bs], counter, generator=gen
+                flow,
+                system,
+                backend,
+                rows[start : start + bs],
+                counter,
+                generator=gen,
+                energy_cut_kT=config.energy_cut_kT,
             )
             loss, n_drop = robust_mean(losses, config.skip_top_k)
             dropped += n_drop
