@@ -181,3 +181,31 @@ def test_alpha_l_start_keeps_l_chirality(aldp):
     blob = load_engine(ENGINE)
     starts = torch.stack([blob["x_beta_nm"], blob["x_alpha_l_nm"]])
     assert bool(aldp.is_l(starts).all())
+
+
+def test_plain_md_mode_starts_every_chain_at_the_minimum(tmp_path):
+    """One temperature and start="minimum": independent 300 K trajectories (the MD baseline)."""
+    s = ChunkSettings(
+        temperatures_K=(300.0,),
+        n_ladders=3,
+        steps=200,
+        timestep_fs=1.5,
+        exchange_every=50,
+        sample_every=10,
+        series_every=10,
+        equilibration_steps=0,
+        seed=1,
+        start="minimum",
+    )
+    out = run_chunk(ENGINE, tmp_path / "md.h5", 0, None, s, command="test")
+    d = read_h5(out, "histogram")
+    assert d["ladder_start_basin"].tolist() == [0, 0, 0]
+    assert int(np.asarray(d["exchange_attempts"]).sum()) == 0
+    series = d["series_phi_psi"]
+    assert series.shape == (3, 20, 2)
+    # every chain starts from the β minimum (φ ≈ −2.5 rad): no αL excursion within 300 fs
+    assert np.all(series[:, 0, 0] < -1.5)
+    with pytest.raises(ValueError, match="start must be"):
+        run_chunk(ENGINE, tmp_path / "x.h5", 0, None, ChunkSettings(start="middle"))
+    resumed = run_chunk(ENGINE, tmp_path / "md1.h5", 1, out, s, command="test")
+    assert read_h5(resumed, "histogram")["ladder_start_basin"].tolist() == [0, 0, 0]

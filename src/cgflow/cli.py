@@ -56,6 +56,7 @@ def _add_chunk_options(p: argparse.ArgumentParser) -> None:
         ("seed", int),
         ("device", str),
         ("dtype", str),
+        ("start", str),
     ):
         p.add_argument(
             "--" + name.replace("_", "-"), dest=name, type=typ, help=f"default {getattr(d, name)}"

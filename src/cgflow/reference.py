@@ -146,6 +146,9 @@ class ChunkSettings:
     seed: int = 2024
     device: str = "cpu"
     dtype: str = "float32"
+    #: start structures: "both" = half the ladders in β (the minimum), half in αL (the reference);
+    #: "minimum" = all in β (independent plain-MD trajectories with a single 300 K temperature)
+    start: str = "both"
 
     def validate(self) -> None:
         if self.temperatures_K[0] != 300.0:
@@ -162,7 +165,9 @@ class ChunkSettings:
                 )
         if self.steps % self.exchange_every:
             raise ValueError("exchange_every must divide steps")
-        if self.n_ladders % 2:
+        if self.start not in ("both", "minimum"):
+            raise ValueError(f"start must be 'both' or 'minimum', got {self.start!r}")
+        if self.start == "both" and self.n_ladders % 2:
             raise ValueError("n_ladders must be even (half start in β, half in αL)")
 
 
@@ -217,6 +222,8 @@ def run_chunk(
     if previous is None:
         starts = torch.stack([blob["x_beta_nm"], blob["x_alpha_l_nm"]])  # [2, N, 3]
         ladder_start = (torch.arange(m) >= m // 2).long()  # 0 = β, 1 = αL
+        if settings.start == "minimum":
+            ladder_start = torch.zeros(m, dtype=torch.long)
         x0 = starts[ladder_start].repeat(k, 1, 1)
         state = engine.init_state(x0)
         if settings.equilibration_steps:
@@ -316,6 +323,10 @@ def run_chunk(
     return write_h5(out, "histogram", arrays, units, prov, attrs=attrs)
 
 
+def _mean_or_nan(a: np.ndarray) -> float:
+    return float(a.mean()) if a.size else float("nan")
+
+
 def _check_same_settings(prev_attrs: dict[str, Any], settings: ChunkSettings) -> None:
     import json
 
@@ -331,8 +342,9 @@ def _check_same_settings(prev_attrs: dict[str, Any], settings: ChunkSettings) ->
         "sample_every",
         "series_every",
         "seed",
+        "start",
     ):
-        if prev.get(key) != mine.get(key):
+        if prev.get(key, ChunkSettings.start if key == "start" else None) != mine.get(key):
             raise ValueError(
                 f"setting {key!r} differs from the previous chunk: {prev.get(key)} vs {mine.get(key)}"
             )
@@ -467,8 +479,8 @@ def merge_chunks(chunks: Sequence[str | Path], out: str | Path, discard: int = 0
         "phi_positive_population": pos,
         "phi_positive_stderr": pos_se,
         "phi_positive_relative_error": pos_se / pos if pos > 0 else math.inf,
-        "phi_positive_from_beta_starts": float(per_ladder_pos[start == 0].mean()),
-        "phi_positive_from_alphaL_starts": float(per_ladder_pos[start == 1].mean()),
+        "phi_positive_from_beta_starts": _mean_or_nan(per_ladder_pos[start == 0]),
+        "phi_positive_from_alphaL_starts": _mean_or_nan(per_ladder_pos[start == 1]),
         "phi_positive_series_check": float(ladder_phi_pos.mean()),
         "kld_noise_floor": {
             name: kld_noise_floor(arrays[f"ladder_counts_{name}"]) for name in PER_LADDER_GRIDS
