@@ -5,15 +5,41 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from cgflow.campaign import (
     EnsembleConfig,
+    cap_labels,
+    fit_ensemble,
     mueller_brown_config,
     mueller_brown_evaluator,
     run_campaign,
 )
 
 MINIMA = (-2.014, -0.502, 0.578)  # exact PMF minima (method-spec §1.5)
+
+
+def test_label_cap_keeps_a_failed_label_from_wrecking_the_fit():
+    """One label of 1e4 kT (a point the flow has not learnt) and a smooth rest."""
+    torch.manual_seed(0)
+    s = torch.rand(400, 1, dtype=torch.float64) * 4 - 2
+    f = 2.0 * s[:, 0] ** 2
+    assert torch.equal(cap_labels(f, None), f)
+    capped = cap_labels(torch.cat([f, torch.tensor([1e4])]), 10.0)
+    assert float(capped.max()) == float(f.min()) + 10.0
+    assert torch.equal(capped[:-1], torch.minimum(f, f.min() + 10.0))
+    with pytest.raises(ValueError, match="label_cap_kT"):
+        cap_labels(f, 0.0)
+    s_bad = torch.cat([s, torch.tensor([[0.05]], dtype=torch.float64)])
+    f_bad = torch.cat([f, torch.tensor([1e4], dtype=torch.float64)])
+    errors = {}
+    for cap in (None, 10.0):
+        e = EnsembleConfig(
+            n_members=3, hidden=(32, 32), epochs=200, lr=3e-3, batch_size=32, label_cap_kT=cap
+        )
+        mean, _ = fit_ensemble(e, [False], s_bad, f_bad, seed=0).predict(s)
+        errors[cap] = float((mean - f).abs().median())
+    assert errors[10.0] < 0.5 < errors[None]
 
 
 def check_mueller_brown(seed: int, **overrides):

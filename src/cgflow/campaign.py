@@ -59,6 +59,7 @@ class EnsembleConfig:
     batch_size: int = 256
     split: str = "fraction"
     train_fraction: float = 0.8
+    label_cap_kT: float | None = None  #: labels above min + cap are set to min + cap
 
 
 @dataclass
@@ -143,6 +144,7 @@ def fit_ensemble(
     e: EnsembleConfig, periodic: list[bool], s: torch.Tensor, f_kT: torch.Tensor, seed: int
 ) -> FreeEnergyEnsemble:
     """A new ensemble of ``e``'s shape fitted to labels ``f_kT`` at CG points ``s``."""
+    f_kT = cap_labels(torch.as_tensor(f_kT), e.label_cap_kT)
     ensemble = FreeEnergyEnsemble(
         e.n_members, periodic, hidden=tuple(e.hidden), activation=e.activation, init=e.init
     )
@@ -157,6 +159,15 @@ def fit_ensemble(
         seed=seed,
     )
     return ensemble
+
+
+def cap_labels(f_kT: torch.Tensor, cap_kT: float | None) -> torch.Tensor:
+    """Labels above ``min + cap_kT`` set to ``min + cap_kT`` (unchanged with ``cap_kT=None``)."""
+    if cap_kT is None or f_kT.numel() == 0:
+        return f_kT
+    if not cap_kT > 0:
+        raise ValueError(f"label_cap_kT must be > 0, got {cap_kT}")
+    return torch.minimum(f_kT, f_kT.min() + cap_kT)
 
 
 def within_window(
