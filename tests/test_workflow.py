@@ -242,10 +242,21 @@ def test_slurm_profile_dry_run_resolves_resources(tmp_path):
     assert res.returncode == 0
 
 
-@pytest.mark.parametrize("config", ["config.yaml", "mueller_brown.yaml", "aldp_paper.yaml", "test_mb.yaml"])
+@pytest.mark.parametrize(
+    "config", ["config.yaml", "mueller_brown.yaml", "aldp_paper.yaml", "test_mb.yaml"]
+)
 def test_every_shipped_config_validates_and_plans(tmp_path, config):
     wd = workdir(tmp_path)
-    cmd = [sys.executable, "-m", "snakemake", "-n", "--configfile", f"config/{config}", "--cores", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-n",
+        "--configfile",
+        f"config/{config}",
+        "--cores",
+        "1",
+    ]
     res = subprocess.run(cmd, cwd=wd, env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "start" in res.stdout
