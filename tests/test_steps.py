@@ -101,7 +101,7 @@ def campaign(tmp_path_factory):
     steps.walkers(st, 1, i1 / "ensemble.pt", i0 / "points.h5", i1 / "walkers.h5")
     steps.select(st, 1, i1 / "walkers.h5", i0 / "points.h5", i1 / "points.h5")
     status = steps.check(st, 1, i1 / "walkers.h5", i1 / "metrics.json", i1 / "status.json")
-    df = steps.summary(st, root, 1, root / "summary.csv")
+    df = steps.summary(st, root, 1, root / "summary.csv", root / "convergence.png")
     return root, st, status, df
 
 
@@ -142,6 +142,7 @@ def test_summary_counts(campaign):
         + row["cum_evals_minimisation"]
     )
     assert (root / "summary.csv").read_text().startswith("iteration,")
+    assert (root / "convergence.png").stat().st_size > 1000
 
 
 def test_sharding_does_not_change_labels(campaign, tmp_path):

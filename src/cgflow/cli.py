@@ -160,7 +160,7 @@ def cmd_wf(args: argparse.Namespace) -> int:
         )
         print(json.dumps(status))
     elif args.step == "summary":
-        steps.summary(st, args.campaign_dir, args.iterations, args.out)
+        steps.summary(st, args.campaign_dir, args.iterations, args.out, args.out_plot)
     return 0
 
 
@@ -236,6 +236,7 @@ def _add_wf(sub: argparse._SubParsersAction) -> None:
         ("--campaign-dir", req),
         ("--iterations", {"type": int, "required": True}),
         ("--out", req),
+        ("--out-plot", {"type": P, "default": None, "help": "convergence curves (PNG)"}),
     )
     wf.set_defaults(func=cmd_wf)
 
