@@ -159,6 +159,8 @@ def cmd_wf(args: argparse.Namespace) -> int:
             args.stop_threshold,
         )
         print(json.dumps(status))
+    elif args.step == "backmap":
+        steps.backmap(st, args.flow, json.loads(args.points), args.structures, args.out_dir)
     elif args.step == "summary":
         steps.summary(st, args.campaign_dir, args.iterations, args.out, args.out_plot)
     return 0
@@ -230,6 +232,13 @@ def _add_wf(sub: argparse._SubParsersAction) -> None:
         ("--stop-metric", {"default": None}),
         ("--stop-threshold", {"type": float, "default": None}),
         iteration=True,
+    )
+    step(
+        "backmap",
+        ("--flow", req),
+        ("--points", {"required": True, "help": 'JSON {"name": [phi, psi], ...} (rad)'}),
+        ("--structures", {"type": int, "required": True, "help": "structures per point"}),
+        ("--out-dir", req),
     )
     step(
         "summary",
