@@ -101,7 +101,7 @@ def campaign(tmp_path_factory):
     steps.walkers(st, 1, i1 / "ensemble.pt", i0 / "points.h5", i1 / "walkers.h5")
     steps.select(st, 1, i1 / "walkers.h5", i0 / "points.h5", i1 / "points.h5")
     status = steps.check(st, 1, i1 / "walkers.h5", i1 / "metrics.json", i1 / "status.json")
-    df = steps.summary(st, root, 1, root / "summary.csv")
+    df = steps.summary(st, root, 1, root / "summary.csv", root / "convergence.png")
     return root, st, status, df
 
 
@@ -142,6 +142,7 @@ def test_summary_counts(campaign):
         + row["cum_evals_minimisation"]
     )
     assert (root / "summary.csv").read_text().startswith("iteration,")
+    assert (root / "convergence.png").stat().st_size > 1000
 
 
 def test_sharding_does_not_change_labels(campaign, tmp_path):
@@ -217,3 +218,45 @@ def test_cli_snapshot_and_check(tmp_path, campaign):
         )
         == 2
     )
+
+
+def test_evaluate_alanine_dipeptide_against_the_reference(tmp_path, aldp):
+    """The ALDP branch of evaluate: every reference metric and the 4-panel map."""
+    import torch
+
+    from cgflow.campaign import EnsembleConfig, fit_ensemble
+
+    st = steps.Settings({"campaign": "t", "seed": 0, "system": {"name": "alanine_dipeptide"}})
+    st._system = aldp
+    gen = torch.Generator().manual_seed(0)
+    s = (torch.rand(60, 2, generator=gen, dtype=torch.float64) * 2 - 1) * np.pi
+    f = 2.0 * (1 - torch.cos(s[:, 0] + 2.5)) + (1 - torch.cos(s[:, 1] - 2.8))
+    e = EnsembleConfig(n_members=2, hidden=(8,), epochs=5, batch_size=16)
+    fit_ensemble(e, [True, True], s, f, 0).save(tmp_path / "ensemble.pt")
+    n = len(s)
+    split = torch.zeros(n, dtype=torch.int64)
+    split[:10] = 1
+    zeros = torch.zeros(n, dtype=torch.int64)
+    steps._write_points(st, tmp_path / "points.h5", 0, s, split, zeros, torch.arange(n), [[1, 1]])
+    m = steps.evaluate(
+        st,
+        1,
+        tmp_path / "ensemble.pt",
+        tmp_path / "points.h5",
+        tmp_path / "m.json",
+        tmp_path / "p.png",
+    )
+    for key in (
+        "kld_std100",
+        "kld_shifted100",
+        "kld_std36",
+        "kld_floor_std100",
+        "dF_phi_pos_err_kT",
+        "dF_phi_pos_ref_stderr_kT",
+        "dF_aR_beta_kT",
+        "dF_aR_beta_ref_kT",
+        "rmse_F_std36_kT",
+    ):
+        assert np.isfinite(m[key]), key
+    assert json.loads((tmp_path / "m.json").read_text()) == m
+    assert (tmp_path / "p.png").stat().st_size > 20_000

@@ -116,10 +116,23 @@ def test_end_to_end(complete_run):
             assert (it / name).exists(), it / name
         assert sorted(p.name for p in (it / "energies").iterdir()) == ["shard_0.h5", "shard_1.h5"]
         assert (wd / CAMPAIGN / "logs" / "finetune" / f"iter_{k:03d}.log").exists()
+    assert (wd / CAMPAIGN / "convergence.png").stat().st_size > 1000
+    assert not (wd / CAMPAIGN / "backmap").exists()  # Müller–Brown has no all-atom topology
     # no temporary file left behind
     assert not list((wd / CAMPAIGN).rglob(".*.tmp*"))
     again = snakemake(wd, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_report_of_the_finished_campaign(complete_run):
+    wd = complete_run
+    t0 = time.perf_counter()
+    snakemake(wd, "--report", "report.html")
+    print(f"report: {time.perf_counter() - t0:.0f} s")
+    html = (wd / "report.html").read_text(errors="replace")
+    assert len(html) > 100_000
+    for name in ("convergence.png", "summary.csv", "pmf.png"):
+        assert name in html, name
 
 
 def test_forcerun_redoes_iteration_two_onward(complete_run):
@@ -260,3 +273,5 @@ def test_every_shipped_config_validates_and_plans(tmp_path, config):
     res = subprocess.run(cmd, cwd=wd, env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "start" in res.stdout
+    # backmapped structures only for the molecule (a system with an all-atom topology)
+    assert ("backmap" in res.stdout) == config.startswith(("config", "aldp"))

@@ -514,25 +514,17 @@ def mueller_brown_config(seed: int = 0, **overrides: Any) -> CampaignConfig:
 def mueller_brown_evaluator(
     bins: int = 100, bounds: tuple[float, float] = (-2.5, 1.1), max_F_kT: float = 10.0
 ):
-    """Metrics against the exact Müller–Brown PMF: max |ΔF| where F <= ``max_F_kT``, KLD."""
-    from .metrics import forward_kld
+    """Metrics against the exact Müller–Brown PMF on ``bins`` bin centres over ``bounds``:
+    max |ΔF| where F <= ``max_F_kT``, KLD, largest ensemble std (:func:`mueller_brown_metrics`)."""
+    from .metrics import grid_values, mueller_brown_metrics
 
     system = get_system("mueller_brown")
     width = (bounds[1] - bounds[0]) / bins
     grid = bounds[0] + (np.arange(bins) + 0.5) * width
     exact = system.exact_pmf(grid)
-    sel = exact <= max_F_kT
-    i_min = int(np.argmin(exact))
 
     def evaluate(ensemble: FreeEnergyEnsemble, _system: System) -> dict[str, float]:
-        mean, std = ensemble.predict(torch.tensor(grid[:, None]))
-        f = mean.detach().cpu().numpy().astype(np.float64)
-        f = f - f[i_min]
-        p_model = np.exp(-(f - f.min()))
-        return {
-            "max_abs_dF_kT": float(np.abs(f - exact)[sel].max()),
-            "kld": forward_kld(np.exp(-exact), p_model),
-            "max_std_kT": float(std.max()),
-        }
+        mean, std = grid_values(ensemble.predict, grid[:, None])
+        return mueller_brown_metrics(mean, exact, std, max_F_kT)
 
     return evaluate

@@ -160,8 +160,10 @@ def cmd_wf(args: argparse.Namespace) -> int:
             args.stop_threshold,
         )
         print(json.dumps(status))
+    elif args.step == "backmap":
+        steps.backmap(st, args.flow, json.loads(args.points), args.structures, args.out_dir)
     elif args.step == "summary":
-        steps.summary(st, args.campaign_dir, args.iterations, args.out)
+        steps.summary(st, args.campaign_dir, args.iterations, args.out, args.out_plot)
     return 0
 
 
@@ -233,10 +235,18 @@ def _add_wf(sub: argparse._SubParsersAction) -> None:
         iteration=True,
     )
     step(
+        "backmap",
+        ("--flow", req),
+        ("--points", {"required": True, "help": 'JSON {"name": [phi, psi], ...} (rad)'}),
+        ("--structures", {"type": int, "required": True, "help": "structures per point"}),
+        ("--out-dir", req),
+    )
+    step(
         "summary",
         ("--campaign-dir", req),
         ("--iterations", {"type": int, "required": True}),
         ("--out", req),
+        ("--out-plot", {"type": P, "default": None, "help": "convergence curves (PNG)"}),
     )
     wf.set_defaults(func=cmd_wf)
 

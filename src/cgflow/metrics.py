@@ -12,8 +12,11 @@ Alanine dipeptide grids (all over a full period in each dihedral):
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -108,3 +111,182 @@ def phi_positive_fraction_from_counts(counts: np.ndarray, grid: Grid2D) -> float
     c = grid.centres
     sel = (c > 0) & (c < 2.2)
     return float(counts[sel].sum() / counts.sum())
+
+
+# ------------------------------------------------------------------------------ model on a grid
+def grid_values(predict: Callable[[Any], Any], points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ensemble ``predict(s) -> (mean_kT, std_kT)`` at ``points`` ``[..., d]``, as float64 arrays
+    of shape ``points.shape[:-1]``."""
+    import torch
+
+    pts = np.asarray(points, dtype=np.float64)
+    with torch.no_grad():
+        mean, std = predict(torch.as_tensor(pts.reshape(-1, pts.shape[-1])))
+    shape = pts.shape[:-1]
+    return (
+        np.asarray(mean.detach().cpu(), dtype=np.float64).reshape(shape),
+        np.asarray(std.detach().cpu(), dtype=np.float64).reshape(shape),
+    )
+
+
+def model_probabilities(F_kT: np.ndarray) -> np.ndarray:
+    """Bin probabilities ``exp(-F) / Σ exp(-F)`` of free energies at bin centres (kT)."""
+    F = np.asarray(F_kT, dtype=np.float64)
+    if not np.isfinite(F).all():
+        raise ValueError("model free energies must be finite on every bin")
+    w = np.exp(-(F - F.min()))
+    return w / w.sum()
+
+
+def free_energy_from_counts(counts: np.ndarray) -> np.ndarray:
+    """``F = -log p`` (kT) of histogram counts, shifted to min 0; NaN where a bin is empty."""
+    c = np.asarray(counts, dtype=np.float64)
+    if c.sum() <= 0 or (c < 0).any():
+        raise ValueError("counts must be non-negative with a positive total")
+    with np.errstate(divide="ignore"):
+        F = -np.log(c / c.sum())
+    F[c == 0] = np.nan
+    return F - np.nanmin(F)
+
+
+# ----------------------------------------------------------------------------- basins and ΔF
+#: φ range of the φ > 0 basins (αL, C7ax), radians (open interval)
+PHI_POSITIVE_RAD = (0.0, 2.2)
+#: ψ band of αR outside the φ > 0 range, radians (open interval); β is the rest (wraps past ±π)
+ALPHA_R_PSI_RAD = (-2.1, 1.0)
+
+
+def basin_masks(grid: Grid2D) -> dict[str, np.ndarray]:
+    """Boolean ``[bins, bins]`` masks of the basins, by bin centre (a partition of the grid).
+
+    * ``phi_pos``: 0 < φ < 2.2 rad (αL and C7ax);
+    * ``alpha_R``: φ outside (0, 2.2) and −2.1 < ψ < 1.0 rad;
+    * ``beta``: φ outside (0, 2.2) and ψ outside that band (β / C5 and PII, across ψ = ±π).
+    """
+    if grid.shifted:
+        raise ValueError("basins are defined on an unshifted (φ, ψ) grid")
+    c = grid.centres_phi_psi()
+    phi, psi = c[..., 0], c[..., 1]
+    pos = (phi > PHI_POSITIVE_RAD[0]) & (phi < PHI_POSITIVE_RAD[1])
+    band = (psi > ALPHA_R_PSI_RAD[0]) & (psi < ALPHA_R_PSI_RAD[1])
+    return {"phi_pos": pos, "alpha_R": ~pos & band, "beta": ~pos & ~band}
+
+
+def region_free_energy_kT(p: np.ndarray, mask: np.ndarray) -> float:
+    """``-log Σ_{b in mask} p_b`` of normalised bin probabilities (inf for an empty region)."""
+    total = float(np.asarray(p, dtype=np.float64)[mask].sum())
+    return math.inf if total <= 0 else -math.log(total)
+
+
+def delta_F_kT(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """``F(a) - F(b)`` in kT of two regions (boolean masks) of bin probabilities ``p``."""
+    p = np.asarray(p, dtype=np.float64)
+    p = p / p.sum()
+    return region_free_energy_kT(p, a) - region_free_energy_kT(p, b)
+
+
+def delta_F_stderr_kT(ladder_counts: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """Standard error of ``F(a) - F(b)`` from independent chains' counts ``[L, bins, bins]``.
+
+    Linearised about the pooled populations P_a, P_b: ``δΔF ≈ δP_b/P_b − δP_a/P_a``, with the
+    spread of the per-chain values (chains may have empty regions).
+    """
+    c = np.asarray(ladder_counts, dtype=np.float64)
+    if c.ndim != 3 or len(c) < 2:
+        raise ValueError("need counts [chains >= 2, bins, bins]")
+    n = c.reshape(len(c), -1).sum(axis=1)
+    pa, pb = c[:, a].sum(axis=1) / n, c[:, b].sum(axis=1) / n
+    pa_all, pb_all = c[:, a].sum() / n.sum(), c[:, b].sum() / n.sum()
+    x = pb / pb_all - pa / pa_all
+    return float(np.std(x, ddof=1) / math.sqrt(len(c)))
+
+
+def rmse_free_energy_kT(
+    F_model_kT: np.ndarray, counts_ref: np.ndarray, min_count: int = 20
+) -> float:
+    """RMSE (kT) of ``F = -log p`` per bin, model vs reference, over bins with at least
+    ``min_count`` reference counts, after removing the best constant shift (mean difference)."""
+    c = np.asarray(counts_ref, dtype=np.float64)
+    sel = c >= min_count
+    if not sel.any():
+        raise ValueError(f"no bin has >= {min_count} reference counts")
+    d = -np.log(model_probabilities(F_model_kT)[sel]) + np.log(c[sel] / c.sum())
+    return float(np.sqrt(np.mean((d - d.mean()) ** 2)))
+
+
+# -------------------------------------------------------------------- alanine dipeptide metrics
+#: grids of the forward KLD; std100 also gives the basin ΔF, std36 the RMSE
+KLD_GRIDS = ("std100", "shifted100", "std36")
+#: basin pairs (a, b) whose F(a) − F(b) is reported, by metric name
+DELTA_F_PAIRS = {"phi_pos": ("phi_pos", "not_phi_pos"), "aR_beta": ("alpha_R", "beta")}
+#: reference bins with fewer counts are left out of the RMSE
+RMSE_MIN_COUNT = 20
+
+
+def _pair_masks(grid: Grid2D) -> dict[str, np.ndarray]:
+    m = basin_masks(grid)
+    return {**m, "not_phi_pos": ~m["phi_pos"]}
+
+
+def aldp_metrics(
+    model_F_kT: Mapping[str, np.ndarray],
+    ref_counts: Mapping[str, np.ndarray],
+    kld_floors: Mapping[str, float] | None = None,
+    ref_ladder_counts_std100: np.ndarray | None = None,
+    rmse_min_count: int = RMSE_MIN_COUNT,
+) -> dict[str, float]:
+    """KLD per grid (with the reference's noise floor), basin ΔF (model, reference, error, and
+    the reference's standard error if chain counts are given) and the RMSE of F on std36.
+
+    ``model_F_kT[g]`` are the model's free energies at the bin centres of grid ``g`` (as
+    :meth:`Grid2D.centres_phi_psi`), ``ref_counts[g]`` the reference counts on ``g``.
+    """
+    out: dict[str, float] = {}
+    for g in KLD_GRIDS:
+        out[f"kld_{g}"] = forward_kld(ref_counts[g], model_probabilities(model_F_kT[g]))
+    out.update({f"kld_floor_{k}": float(v) for k, v in (kld_floors or {}).items()})
+    masks = _pair_masks(GRIDS["std100"])
+    p_model = model_probabilities(model_F_kT["std100"])
+    p_ref = np.asarray(ref_counts["std100"], dtype=np.float64)
+    for name, (a, b) in DELTA_F_PAIRS.items():
+        model = delta_F_kT(p_model, masks[a], masks[b])
+        ref = delta_F_kT(p_ref, masks[a], masks[b])
+        out[f"dF_{name}_kT"] = model
+        out[f"dF_{name}_ref_kT"] = ref
+        out[f"dF_{name}_err_kT"] = model - ref
+        if ref_ladder_counts_std100 is not None:
+            out[f"dF_{name}_ref_stderr_kT"] = delta_F_stderr_kT(
+                ref_ladder_counts_std100, masks[a], masks[b]
+            )
+    out["rmse_F_std36_kT"] = rmse_free_energy_kT(
+        model_F_kT["std36"], ref_counts["std36"], rmse_min_count
+    )
+    return out
+
+
+def aldp_evaluation(predict: Callable[[Any], Any], reference: Any) -> dict[str, float]:
+    """:func:`aldp_metrics` of an ensemble's ``predict`` against a reference file's content
+    (``cgflow.reference.load_reference``: counts per grid, per-chain counts, summary)."""
+    model = {g: grid_values(predict, GRIDS[g].centres_phi_psi())[0] for g in KLD_GRIDS}
+    counts = {g: reference[f"counts_{g}"] for g in KLD_GRIDS}
+    floors = json.loads(reference.attrs.get("summary", "{}")).get("kld_noise_floor", {})
+    ladders = reference.arrays.get("ladder_counts_std100")
+    return aldp_metrics(model, counts, floors, ladders)
+
+
+# ---------------------------------------------------------------------------- Müller–Brown
+def mueller_brown_metrics(
+    F_model_kT: np.ndarray, F_exact_kT: np.ndarray, std_kT: np.ndarray, max_F_kT: float = 10.0
+) -> dict[str, float]:
+    """Model vs exact PMF at bin centres: max |ΔF| where the exact F <= ``max_F_kT`` (model
+    aligned at the exact minimum), forward KLD of the bin probabilities, largest ensemble std."""
+    f = np.asarray(F_model_kT, dtype=np.float64)
+    exact = np.asarray(F_exact_kT, dtype=np.float64)
+    i_min = int(np.argmin(exact))
+    f = f - f[i_min] + exact[i_min]
+    sel = exact <= exact[i_min] + max_F_kT
+    return {
+        "max_abs_dF_kT": float(np.abs(f - exact)[sel].max()),
+        "kld": forward_kld(np.exp(-(exact - exact.min())), model_probabilities(f)),
+        "max_std_kT": float(np.max(std_kT)),
+    }

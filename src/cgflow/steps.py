@@ -33,6 +33,7 @@ STAGES = {
     "select_fps": 7,
     "select_spread": 8,
     "select_split": 9,
+    "backmap": 10,
 }
 
 
@@ -594,6 +595,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of the ensemble mean (against ground truth where the system has one) and a plot."""
     from .free_energy import FreeEnergyEnsemble
+    from .plots import iteration_plot
 
     ens = FreeEnergyEnsemble.load(ensemble_in)
     p = _read_points(points_in)
@@ -603,91 +605,94 @@ def evaluate(
         "n_train_points": int((p["split"] == 0).sum()),
         "n_test_points": int((p["split"] == 1).sum()),
     }
+    reference = _reference(system)
     if system.name == "mueller_brown":
         from .campaign import mueller_brown_evaluator
 
         metrics.update(mueller_brown_evaluator()(ens, system))
-    elif system.name == "alanine_dipeptide":
-        metrics.update(_aldp_metrics(ens))
+    elif reference is not None:
+        from .metrics import aldp_evaluation
+
+        metrics.update(aldp_evaluation(ens.predict, reference))
     with atomic_path(metrics_out) as tmp:
         tmp.write_text(json.dumps(metrics, indent=1, sort_keys=True))
     with atomic_path(plot_out) as tmp:
-        _plot(st, ens, p, tmp)
+        iteration_plot(
+            tmp,
+            system,
+            ens.predict,
+            p["s"][p["split"] == 0].numpy(),
+            p["centres"],
+            None if reference is None else reference["counts_std100"],
+            f"{st.cfg.get('campaign', '')}: {system.name}, iteration {iteration}",
+        )
     return metrics
 
 
-def _aldp_metrics(ens: Any) -> dict[str, float]:
-    from .metrics import GRIDS, forward_kld
+def _reference(system: Any) -> Any:
+    """The shipped ground truth of a system (alanine dipeptide, implicit solvent, at the
+    reference's temperature), or None."""
     from .reference import ALDP_REFERENCE, load_reference
 
-    if not ALDP_REFERENCE.exists():
-        return {}
+    if system.name != "alanine_dipeptide" or not ALDP_REFERENCE.exists():
+        return None
     ref = load_reference()
-    out: dict[str, float] = {}
-    for name in ("std100", "shifted100", "std36"):
-        g = GRIDS[name]
-        c = torch.as_tensor(g.centres_phi_psi().reshape(-1, 2))
-        mean, _ = ens.predict(c)
-        f = mean.numpy().reshape(g.bins, g.bins)
-        out[f"kld_{name}"] = forward_kld(ref[f"counts_{name}"], np.exp(-(f - f.min())))
-    floors = json.loads(ref.attrs["summary"]).get("kld_noise_floor", {})
-    out.update({f"kld_floor_{k}": float(v) for k, v in floors.items()})
-    return out
+    if not math.isclose(system.kT, float(ref.attrs["kT_kJ_per_mol"]), rel_tol=1e-6):
+        return None
+    return ref
 
 
-def _plot(st: Settings, ens: Any, p: dict[str, Any], path: Path) -> None:
-    import matplotlib
+# ------------------------------------------------------------------------------------ backmap
+def backmap(
+    st: Settings,
+    flow_in: Any,
+    points_rad: dict[str, list[float]],
+    n_structures: int,
+    out_dir: Any,
+) -> dict[str, Any]:
+    """All-atom structures of the flow at named CG points: ``<name>.pdb`` (topology + first
+    frame) and ``<name>.dcd`` (all kept draws) in ``out_dir``, and ``backmap.json``."""
+    from .backmap import backmap_point, mdtraj_topology, write_trajectory
+    from .flows import load_flow
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    system = st.system
-    spec = system.cg_spec
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    if spec.dim == 1:
-        lo, hi = spec.bounds[0]
-        grid = torch.linspace(lo, hi, 300, dtype=torch.float64)[:, None]
-        mean, std = ens.predict(grid)
-        m = mean.numpy() - mean.numpy().min()
-        ax.plot(grid[:, 0], m, label="ensemble mean")
-        ax.fill_between(grid[:, 0], m - std.numpy(), m + std.numpy(), alpha=0.3, label="± std")
-        if system.name == "mueller_brown":
-            exact = system.exact_pmf(grid[:, 0].numpy())
-            ax.plot(grid[:, 0], exact, "k--", label="exact")
-        train = p["s"][p["split"] == 0][:, 0].numpy()
-        ax.plot(train, np.full_like(train, -0.5), "|", color="C3", label="training points")
-        ax.set_xlabel(spec.names[0])
-        ax.set_ylabel("F / kT")
-        ax.legend(fontsize=8)
-    else:
-        (lo0, hi0), (lo1, hi1) = spec.bounds[:2]
-        a = torch.linspace(lo0, hi0, 120, dtype=torch.float64)
-        b = torch.linspace(lo1, hi1, 120, dtype=torch.float64)
-        A, B = torch.meshgrid(a, b, indexing="ij")
-        mean, _ = ens.predict(torch.stack([A.reshape(-1), B.reshape(-1)], 1))
-        f = (mean - mean.min()).numpy().reshape(120, 120)
-        im = ax.imshow(
-            np.minimum(f, 15).T,
-            origin="lower",
-            extent=(lo0, hi0, lo1, hi1),
-            cmap="viridis",
-            aspect="auto",
-        )
-        fig.colorbar(im, ax=ax, label="F / kT")
-        train = p["s"][p["split"] == 0].numpy()
-        ax.scatter(train[:, 0], train[:, 1], s=2, c="w", alpha=0.5)
-        if len(p["centres"]):
-            ax.scatter(p["centres"][:, 0], p["centres"][:, 1], s=25, c="r", marker="x")
-        ax.set_xlabel(spec.names[0])
-        ax.set_ylabel(spec.names[1])
-    ax.set_title(f"{system.name}, iteration {st.cfg.get('campaign', '')}")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
+    for name in points_rad:
+        if not name.replace("_", "").isalnum():
+            raise ValueError(f"backmap point name {name!r}: use letters, digits and _ only")
+    topology = mdtraj_topology(st.system)
+    flow, extra = load_flow(flow_in)
+    flow = flow.to(st.dtype)
+    iteration = int(extra.get("iteration", 0))
+    seed = stage_seed(st.seed, iteration, "backmap")
+    gen = torch.Generator().manual_seed(seed)
+    out = Path(out_dir)
+    info: dict[str, Any] = {
+        "flow": str(flow_in),
+        "iteration": iteration,
+        "seed": seed,
+        "config_hash": st.hash,
+        "energy_evaluations": 0,
+        "points": {},
+    }
+    for name, s in points_rad.items():
+        b = backmap_point(flow, st.system, s, n_structures, gen)
+        write_trajectory(b.x_nm, topology, out / f"{name}.pdb", out / f"{name}.dcd")
+        info["points"][name] = {
+            "s_rad": list(b.s),
+            "n_structures": len(b.x_nm),
+            "n_drawn": b.n_drawn,
+            "kept_fraction": len(b.x_nm) / b.n_drawn,
+        }
+        print(f"backmap {name}: {len(b.x_nm)} structures from {b.n_drawn} draws", flush=True)
+    with atomic_path(out / "backmap.json") as tmp:
+        tmp.write_text(json.dumps(info, indent=1, sort_keys=True))
+    return info
 
 
-def summary(st: Settings, campaign_dir: Any, last_iteration: int, out: Any) -> Any:
-    """One row per iteration: metrics, points, energy evaluations by kind, cumulative N, wall times."""
+def summary(
+    st: Settings, campaign_dir: Any, last_iteration: int, out: Any, plot_out: Any = None
+) -> Any:
+    """One row per iteration: metrics, points, energy evaluations by kind, cumulative N, wall
+    times; with ``plot_out``, also the convergence curves (metrics vs N)."""
     import pandas as pd
 
     from .energy.counting import COUNTED_KINDS, UNCOUNTED_KINDS
@@ -734,6 +739,11 @@ def summary(st: Settings, campaign_dir: Any, last_iteration: int, out: Any) -> A
     df = pd.DataFrame(rows)
     with atomic_path(out) as tmp:
         df.to_csv(tmp, index=False)
+    if plot_out is not None:
+        from .plots import convergence
+
+        with atomic_path(plot_out) as tmp:
+            convergence(tmp, df, f"{st.cfg.get('campaign', '')}: {st['system']['name']}")
     return df
 
 

@@ -1,8 +1,8 @@
 """Configuration, path and iteration helpers, and the convergence walk.
 
 Only functions live here (no rules). The iteration rules depend on iteration k-1 through plain
-path functions and never touch a checkpoint; only the final aggregator (rule summary) walks
-the per-iteration checkpoints `check` (see `last_iteration`).
+path functions and never touch a checkpoint; only the final aggregator (rule summary) and the
+backmap of the final flow walk the per-iteration checkpoints `check` (see `last_iteration`).
 """
 
 import json
@@ -37,9 +37,22 @@ def iteration_file(campaign, k, name):
     return f"{campaign_dir(campaign)}/iter_{k:03d}/{name}"
 
 
+def summary_outputs(campaign):
+    """The aggregator's files: the table of all iterations and the convergence curves."""
+    return [
+        f"{campaign_dir(campaign)}/summary.csv",
+        f"{campaign_dir(campaign)}/convergence.png",
+    ]
+
+
 def final_output():
-    """Target of `rule all`, the campaign summary (the aggregator walks the checkpoints)."""
-    return f"{campaign_dir(config['campaign'])}/summary.csv"
+    """Targets of the default rule (all), i.e. the campaign summary (the aggregator walks the
+    checkpoints) and, for systems with an all-atom topology, the backmapped structures of the
+    final flow."""
+    campaign = config["campaign"]
+    return summary_outputs(campaign) + (
+        backmap_outputs(campaign) if backmap_wanted() else []
+    )
 
 
 def config_snapshot(wildcards):
@@ -51,13 +64,17 @@ def config_snapshot(wildcards):
 # living in the snapshot, so raising max_iterations (or changing the stop rule) extends a
 # campaign instead of rerunning it from the start.
 STOP_KEYS = ("max_iterations", "stop")
+# Keys that only shape outputs after the campaign (passed to rule backmap as params), so
+# changing them never reruns the campaign.
+POST_KEYS = ("backmap",)
 
 
 def config_json(wildcards):
-    """The validated config (defaults filled in, stop keys left out) as JSON, for rule
-    config_snapshot."""
+    """The validated config (defaults filled in, stop and post-campaign keys left out) as
+    JSON, for rule config_snapshot."""
+    left_out = STOP_KEYS + POST_KEYS
     return json.dumps(
-        {k: v for k, v in config.items() if k not in STOP_KEYS}, sort_keys=True
+        {k: v for k, v in config.items() if k not in left_out}, sort_keys=True
     )
 
 
@@ -194,3 +211,38 @@ def summary_iterations(wildcards, input):
     if "status" not in input.keys():
         return "<TBD>"
     return len(input.status)
+
+
+# ---------------------------------------------------------------------------- backmapping
+# Systems with an all-atom topology (the only ones whose structures can be written).
+TOPOLOGY_SYSTEMS = ("alanine_dipeptide",)
+BACKMAP_POINTS = list(config["backmap"]["points"])
+
+
+def backmap_wanted():
+    """Backmap the final flow? Only for a system with a topology and at least one point."""
+    return config["system"]["name"] in TOPOLOGY_SYSTEMS and bool(BACKMAP_POINTS)
+
+
+def backmap_outputs(campaign):
+    """results/<campaign>/backmap/<point>.pdb and .dcd for every point, and backmap.json."""
+    folder = f"{campaign_dir(campaign)}/backmap"
+    return [f"{folder}/{p}.{ext}" for p in BACKMAP_POINTS for ext in ("pdb", "dcd")] + [
+        f"{folder}/backmap.json"
+    ]
+
+
+def final_flow(wildcards):
+    """The flow of the last iteration found by the convergence walk."""
+    campaign = wildcards.campaign
+    return iteration_file(campaign, last_iteration(campaign), "flow.pt")
+
+
+def backmap_points_json(wildcards):
+    """The backmap points {name: [phi, psi]} (rad) as JSON, for `cgflow wf backmap`."""
+    return json.dumps(config["backmap"]["points"], sort_keys=True)
+
+
+def backmap_folder(wildcards):
+    """results/<campaign>/backmap, for `cgflow wf backmap --out-dir`."""
+    return f"{campaign_dir(wildcards.campaign)}/backmap"

@@ -1,5 +1,6 @@
-# The validated config of the campaign (input of every rule) and the campaign summary (the
-# aggregator: the only rule whose input walks the convergence checkpoints).
+# The validated config of the campaign (input of every rule), the campaign summary (the
+# aggregator, whose input walks the convergence checkpoints) and the backmapped structures of
+# the final flow (whose input walks them too, to find the last iteration).
 
 
 rule config_snapshot:
@@ -25,7 +26,18 @@ rule summary:
         flow0="results/{campaign}/iter_000/flow.pt",
         points0="results/{campaign}/iter_000/points.h5",
     output:
-        "results/{campaign}/summary.csv",
+        table=report(
+            "results/{campaign}/summary.csv",
+            caption="../report/summary.rst",
+            category="Convergence",
+            labels={"campaign": "{campaign}", "figure": "table"},
+        ),
+        plot=report(
+            "results/{campaign}/convergence.png",
+            caption="../report/convergence.rst",
+            category="Convergence",
+            labels={"campaign": "{campaign}", "figure": "curves"},
+        ),
     log:
         "results/{campaign}/logs/summary/summary.log",
     benchmark:
@@ -37,4 +49,32 @@ rule summary:
         n=summary_iterations,
     shell:
         "cgflow wf summary --config {input.cfg} --campaign-dir {params.campaign_dir}"
-        " --iterations {params.n} --out {output} > {log} 2>&1"
+        " --iterations {params.n} --out {output.table} --out-plot {output.plot}"
+        " > {log} 2>&1"
+
+
+rule backmap:
+    input:
+        cfg=config_snapshot,
+        flow=final_flow,
+    output:
+        pdb=expand("results/{{campaign}}/backmap/{point}.pdb", point=BACKMAP_POINTS),
+        dcd=expand("results/{{campaign}}/backmap/{point}.dcd", point=BACKMAP_POINTS),
+        info="results/{campaign}/backmap/backmap.json",
+    log:
+        "results/{campaign}/logs/backmap/backmap.log",
+    benchmark:
+        "results/{campaign}/benchmarks/backmap/backmap.tsv"
+    conda:
+        "../../envs/cgflow.yaml"
+    resources:
+        runtime=30,
+        mem_mb=4000,
+    params:
+        points=backmap_points_json,
+        structures=config["backmap"]["structures"],
+        out_dir=backmap_folder,
+    shell:
+        "cgflow wf backmap --config {input.cfg} --flow {input.flow}"
+        " --points {params.points:q} --structures {params.structures}"
+        " --out-dir {params.out_dir} > {log} 2>&1"
