@@ -1,7 +1,6 @@
 """Ground-truth generation: chunks, resume, merge, statistics, torch-only operation."""
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -161,7 +160,9 @@ def test_shipped_reference_is_consistent():
     # each half (16 ladders) has twice the variance of the mean over all 32, so the difference
     # of the two halves has standard error sqrt(2 + 2) * se
     se_diff = 2 * s["phi_positive_stderr"]
-    assert abs(s["phi_positive_from_beta_starts"] - s["phi_positive_from_alphaL_starts"]) < 3 * se_diff
+    assert (
+        abs(s["phi_positive_from_beta_starts"] - s["phi_positive_from_alphaL_starts"]) < 3 * se_diff
+    )
 
 
 def test_alpha_l_start_keeps_l_chirality(aldp):
