@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -446,6 +446,9 @@ def mueller_brown_config(seed: int = 0, **overrides: Any) -> CampaignConfig:
     Starting points only in s ∈ [−2.2, −1.8]; the ensemble runs fewer, larger-batch epochs than
     the original (300 x 16 instead of 1000 x 5), which converges to the same labels here.
     """
+    mb_energy = EnergyConfig(
+        lr=5e-3, batch_size=8, warmup_epochs=0, clip_early=20, clip_late=20, skip_top_k=0
+    )
     cfg = CampaignConfig(
         system={"name": "mueller_brown"},
         seed=seed,
@@ -460,24 +463,8 @@ def mueller_brown_config(seed: int = 0, **overrides: Any) -> CampaignConfig:
         flow={"cond_mean": [-2.0], "cond_std": [0.3]},
         dtype="float64",
         example=ExampleConfig(epochs=80, lr=5e-4, batch_size=16),
-        energy_first=EnergyConfig(
-            epochs=12,
-            lr=5e-3,
-            batch_size=8,
-            warmup_epochs=0,
-            clip_early=20,
-            clip_late=20,
-            skip_top_k=0,
-        ),
-        energy=EnergyConfig(
-            epochs=7,
-            lr=5e-3,
-            batch_size=8,
-            warmup_epochs=0,
-            clip_early=20,
-            clip_late=20,
-            skip_top_k=0,
-        ),
+        energy_first=replace(mb_energy, epochs=12),
+        energy=replace(mb_energy, epochs=7),
         backend={"kind": "torch"},
         labels=LabelConfig(draws=30),
         ensemble=EnsembleConfig(
