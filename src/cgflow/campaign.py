@@ -76,6 +76,7 @@ class WalkerConfig:
     threshold_kT: float = 0.2
     min_steps: int = 0
     max_steps: int = 500_000
+    beta: float = 1.0  #: walkers sample exp(−beta F̄) (F̄ in kT)
     n_candidates: int = 30
     n_select: int = 15
     start: tuple[float, ...] | None = None  #: first start point (default: the minimum's CG value)
@@ -285,6 +286,7 @@ def run_campaign(
             n_wanted=w.n_candidates,
             max_steps=w.max_steps,
             min_steps=w.min_steps,
+            beta=w.beta,
             seed=_seed(config.seed, k, 6),
         )
         selected = res.points[:0]

@@ -495,6 +495,7 @@ def walkers(st: Settings, iteration: int, ensemble_in: Any, points_in: Any, out:
         n_wanted=w["n_candidates"],
         max_steps=w["max_steps"],
         min_steps=w["min_steps"],
+        beta=float(w.get("beta", 1.0)),
         seed=stage_seed(st.seed, iteration, "walkers"),
     )
     n_cg = st.system.cg_spec.dim
