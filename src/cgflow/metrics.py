@@ -64,12 +64,16 @@ class Grid2D:
             return np.stack([a, b], axis=-1)
         return np.stack([wrap(-a - SHIFT_PHI), wrap(-(b - SHIFT_PSI))], axis=-1)
 
-    def histogram(self, phi_psi: np.ndarray) -> np.ndarray:
-        """Counts ``[bins, bins]`` (int64) of standard (φ, ψ) samples on this grid."""
+    def flat_index(self, phi_psi: np.ndarray) -> np.ndarray:
+        """Bin of each standard (φ, ψ) sample ``[n, 2]`` as a flat index into ``[bins, bins]``."""
         g = self.coordinates(phi_psi)
         idx = np.floor((g + math.pi) / (2 * math.pi) * self.bins).astype(np.int64)
         idx = np.clip(idx, 0, self.bins - 1)  # wrap() may return exactly -π; guard rounding
-        flat = idx[:, 0] * self.bins + idx[:, 1]
+        return idx[:, 0] * self.bins + idx[:, 1]
+
+    def histogram(self, phi_psi: np.ndarray) -> np.ndarray:
+        """Counts ``[bins, bins]`` (int64) of standard (φ, ψ) samples on this grid."""
+        flat = self.flat_index(phi_psi)
         return np.bincount(flat, minlength=self.bins * self.bins).reshape(self.bins, self.bins)
 
 
@@ -319,11 +323,7 @@ def trajectory_kld_curve(
     frames = np.unique(np.geomspace(1, n_frames, n_points).astype(np.int64))
     kld = np.zeros((len(frames), n_chains))
     for c in range(n_chains):
-        g = grid.coordinates(series[c])
-        idx = np.clip(
-            np.floor((g + math.pi) / (2 * math.pi) * grid.bins).astype(np.int64), 0, grid.bins - 1
-        )
-        flat = idx[:, 0] * grid.bins + idx[:, 1]
+        flat = grid.flat_index(series[c])
         for i, t in enumerate(frames):
             counts = np.bincount(flat[:t], minlength=grid.bins**2).astype(np.float64)
             kld[i, c] = forward_kld(ref_counts, counts + pseudo_count)

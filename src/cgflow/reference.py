@@ -262,14 +262,8 @@ def run_chunk(
         if st.steps % settings.sample_every == 0:
             ang = phi_psi(st.x[:m]).cpu().numpy()  # the 300 K slot of every ladder
             for name, counts in per_ladder.items():
-                g = grids[name]
-                coords = g.coordinates(ang)
-                idx = np.clip(
-                    np.floor((coords + math.pi) / (2 * math.pi) * g.bins).astype(np.int64),
-                    0,
-                    g.bins - 1,
-                )
-                np.add.at(counts, (np.arange(m), idx[:, 0], idx[:, 1]), 1)
+                flat = grids[name].flat_index(ang)
+                np.add.at(counts.reshape(m, -1), (np.arange(m), flat), 1)  # a view: adds in place
             pooled_fine += grids["fine360"].histogram(ang)
             n_samples += 1
             if st.steps % settings.series_every == 0:
@@ -332,6 +326,7 @@ def _check_same_settings(prev_attrs: dict[str, Any], settings: ChunkSettings) ->
 
     prev = json.loads(prev_attrs["settings"])
     mine = json.loads(json.dumps(settings.__dict__))
+    mine_defaults = json.loads(json.dumps(ChunkSettings().__dict__))
     for key in (
         "temperatures_K",
         "n_ladders",
@@ -344,7 +339,8 @@ def _check_same_settings(prev_attrs: dict[str, Any], settings: ChunkSettings) ->
         "seed",
         "start",
     ):
-        if prev.get(key, ChunkSettings.start if key == "start" else None) != mine.get(key):
+        # a key missing from an older chunk's settings had the field's default there
+        if prev.get(key, mine_defaults.get(key)) != mine.get(key):
             raise ValueError(
                 f"setting {key!r} differs from the previous chunk: {prev.get(key)} vs {mine.get(key)}"
             )
