@@ -340,9 +340,10 @@ def _check_same_settings(prev_attrs: dict[str, Any], settings: ChunkSettings) ->
         "start",
     ):
         # a key missing from an older chunk's settings had the field's default there
-        if prev.get(key, mine_defaults.get(key)) != mine.get(key):
+        theirs = prev.get(key, mine_defaults.get(key))
+        if theirs != mine.get(key):
             raise ValueError(
-                f"setting {key!r} differs from the previous chunk: {prev.get(key)} vs {mine.get(key)}"
+                f"setting {key!r} differs from the previous chunk: {theirs} vs {mine.get(key)}"
             )
 
 
