@@ -302,3 +302,44 @@ def test_a_user_defined_analytic_system_runs_through_the_steps(tmp_path):
     steps.ensemble(st, 1, i1 / "labels.h5", i1 / "ensemble.pt")
     steps.evaluate(st, 1, i1 / "ensemble.pt", i0 / "points.h5", i1 / "metrics.json", i1 / "pmf.png")
     assert (i1 / "pmf.png").stat().st_size > 0
+
+
+def test_grid_mode_trains_on_a_fixed_grid_without_walkers(tmp_path):
+    """`mode: grid` (method-spec 7.1): grid points from iteration 1 on, every iteration trains
+    on all of them, no walkers, no points added, the run continues to max_iterations."""
+    cfg = json.loads(json.dumps(CFG))
+    cfg.update(mode="grid", grid={"per_axis": 12}, max_iterations=2)
+    st = steps.Settings.load(steps.write_snapshot(cfg, tmp_path / "config.yaml"))
+    assert st.grid_mode
+    i0 = tmp_path / "iter_000"
+    steps.start(st, i0 / "start.h5")
+    steps.pretrain(st, i0 / "start.h5", i0 / "flow.pt")
+    steps.initial_points(st, i0 / "start.h5", i0 / "points.h5")
+    p0 = read_h5(i0 / "points.h5", "points")
+    lo, hi = -2.5, 1.1  # Müller–Brown CG bounds
+    expected = lo + (np.arange(12) + 0.5) * (hi - lo) / 12
+    np.testing.assert_allclose(np.sort(p0["s"][:, 0]), expected)
+    n_train = int((p0["split"] == 0).sum())
+    assert 0 < n_train < 12
+    prev, flow = i0, i0 / "flow.pt"
+    for k in (1, 2):
+        it = tmp_path / f"iter_{k:03d}"
+        steps.finetune(st, k, flow, prev / "points.h5", it / "flow.pt", it / "train.h5")
+        train = read_h5(it / "train.h5", "train")
+        assert (train.attrs["n_latest"], train.attrs["n_older"]) == (n_train, 0)
+        steps.sample(st, k, it / "flow.pt", prev / "points.h5", 0, 1, it / "s.h5")
+        steps.energy(st, it / "s.h5", 0, it / "e.h5")
+        steps.gather(st, k, prev / "points.h5", [it / "s.h5"], [it / "e.h5"], it / "labels.h5")
+        assert len(read_h5(it / "labels.h5", "labels")["F_kT"]) == n_train  # whole grid relabelled
+        steps.ensemble(st, k, it / "labels.h5", it / "ensemble.pt")
+        steps.evaluate(
+            st, k, it / "ensemble.pt", prev / "points.h5", it / "metrics.json", it / "p.png"
+        )
+        steps.walkers(st, k, it / "ensemble.pt", prev / "points.h5", it / "walkers.h5")
+        w = read_h5(it / "walkers.h5", "walkers")
+        assert len(w["points"]) == 0 and w.attrs["grid_mode"] and not w.attrs["exhausted"]
+        steps.select(st, k, it / "walkers.h5", prev / "points.h5", it / "points.h5")
+        np.testing.assert_array_equal(read_h5(it / "points.h5", "points")["s"], p0["s"])
+        status = steps.check(st, k, it / "walkers.h5", it / "metrics.json", it / "status.json")
+        assert status["reason"] == ("continue" if k == 1 else "max iterations")
+        prev, flow = it, it / "flow.pt"

@@ -10,6 +10,9 @@ Subcommands:
   its statistics (ESS, φ > 0 population, KLD noise floors).
 * ``cgflow reference generate --dir D --chunks n`` — run/continue chunks in ``D`` until ``n``
   exist (skips finished ones), merging after each.
+* ``cgflow baseline metad --out F`` — well-tempered metadynamics on φ/ψ (resumable).
+* ``cgflow baseline speedup --campaign S --md M --metad R... --out-dir D`` — points of every
+  method (campaign, plain MD, metadynamics), the speedup table and the curves.
 """
 
 from __future__ import annotations
@@ -163,7 +166,9 @@ def cmd_wf(args: argparse.Namespace) -> int:
     elif args.step == "backmap":
         steps.backmap(st, args.flow, json.loads(args.points), args.structures, args.out_dir)
     elif args.step == "summary":
-        steps.summary(st, args.campaign_dir, args.iterations, args.out, args.out_plot)
+        steps.summary(
+            st, args.campaign_dir, args.iterations, args.out, args.out_plot, args.baselines
+        )
     return 0
 
 
@@ -247,8 +252,92 @@ def _add_wf(sub: argparse._SubParsersAction) -> None:
         ("--iterations", {"type": int, "required": True}),
         ("--out", req),
         ("--out-plot", {"type": P, "default": None, "help": "convergence curves (PNG)"}),
+        ("--baselines", {"type": P, "default": None, "help": "baseline points (CSV) to draw"}),
     )
     wf.set_defaults(func=cmd_wf)
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    """Baselines of issue 6: metadynamics runs."""
+    from dataclasses import fields
+
+    from .baselines import DEFAULT_TARGETS
+
+    if args.action == "metad":
+        from .metadynamics import MetadSettings, run_metadynamics
+        from .systems import get_system
+
+        names = {f.name for f in fields(MetadSettings)}
+        kw = {k: v for k, v in vars(args).items() if k in names and v is not None}
+        run_metadynamics(
+            get_system(args.system),
+            MetadSettings(**kw),
+            args.out,
+            log=lambda m: print(m, flush=True),
+        )
+    elif args.action == "speedup":
+        from .baselines import build_speedup
+        from .reference import load_reference
+
+        campaigns = {}
+        for spec in args.campaign:
+            name, _, path = spec.rpartition("=")
+            campaigns[name or "campaign"] = Path(path)
+        table = build_speedup(
+            args.out_dir,
+            campaigns,
+            md_h5=args.md,
+            metad_h5=args.metad,
+            targets=args.target or DEFAULT_TARGETS,
+            reference=load_reference(args.reference) if args.reference else None,
+        )
+        print((args.out_dir / "speedup.md").read_text())
+        print(f"{len(table)} rows; points, table and curves in {args.out_dir}")
+    return 0
+
+
+def _add_baseline(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("baseline", help="baselines: metadynamics, plain MD curves, speedup")
+    bs = b.add_subparsers(dest="action", required=True)
+    p = bs.add_parser("metad", help="well-tempered metadynamics on the CG dihedrals (resumable)")
+    p.add_argument("--out", type=Path, required=True, help="run file (HDF5); resumed if present")
+    p.add_argument("--system", default="alanine_dipeptide")
+    for flag, typ, hlp in (
+        ("--n-steps", int, "total MD steps (= energy evaluations)"),
+        ("--record-every", int, "steps between free-energy snapshots"),
+        ("--sigma-rad", float, "Gaussian width (rad)"),
+        ("--height-kJ-per-mol", float, "initial Gaussian height"),
+        ("--bias-factor", float, "well-tempered bias factor"),
+        ("--deposit-every", int, "steps between Gaussians"),
+        ("--timestep-fs", float, None),
+        ("--friction-per-ps", float, None),
+        ("--hydrogen-mass-amu", float, "0 = no repartitioning"),
+        ("--grid-width", int, "bias grid points per axis"),
+        ("--seed", int, None),
+        ("--platform", str, "OpenMM platform (CPU, CUDA, ...)"),
+        ("--threads", int, "CPU platform threads"),
+    ):
+        p.add_argument(
+            flag,
+            type=typ,
+            default=None,
+            help=hlp,
+            dest=flag[2:].replace("-", "_").replace("kj", "kJ"),
+        )
+    p = bs.add_parser("speedup", help="points of every method and the speedup table")
+    p.add_argument(
+        "--campaign",
+        action="append",
+        required=True,
+        help="[NAME=]summary.csv of a finished campaign (repeat; the first is the reference of "
+        "the ratios; name a grid-conditioning run 'grid')",
+    )
+    p.add_argument("--md", type=Path, default=None, help="plain-MD file with series_phi_psi")
+    p.add_argument("--metad", type=Path, nargs="*", default=[], help="metadynamics run files")
+    p.add_argument("--target", action="append", default=None, help="e.g. kld_std36<=0.05 (repeat)")
+    p.add_argument("--reference", type=Path, default=None, help="reference file (default: shipped)")
+    p.add_argument("--out-dir", type=Path, required=True)
+    b.set_defaults(func=cmd_baseline)
 
 
 def _aldp():
@@ -284,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chunk_options(p)
     ref.set_defaults(func=cmd_reference)
     _add_wf(sub)
+    _add_baseline(sub)
     return parser
 
 

@@ -248,6 +248,14 @@ class ZMatrix:
             raise ValueError(f"atom {atom} is an anchor and has no dihedral")
         raise ValueError(f"atom {atom} has no row in this Z-matrix")
 
+    def dihedral_atoms(self, index: int) -> tuple[int, int, int, int]:
+        """The four atoms ``(atom, bond, angle, dihedral partner)`` of the dihedral at position
+        ``index`` of ``z`` (e.g. a CG coordinate, for an OpenMM ``CustomTorsionForce``)."""
+        k, r = divmod(int(index) - 5, 3)
+        if r or not 0 <= k < len(self.rows):
+            raise ValueError(f"position {index} of z is not a dihedral")
+        return self.rows[k]
+
     # ---------------------------------------------------------------- validation / plan
     def validate(self) -> None:
         """Raise ``ValueError`` naming the problem if the Z-matrix is not usable."""

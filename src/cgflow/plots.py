@@ -223,15 +223,54 @@ def _error_panel(ax: Any, df: Any, N: np.ndarray) -> None:
         ax.set_ylabel("max |ΔF| / kT")
 
 
-def convergence(path: str | os.PathLike, summary: Any, title: str = "") -> None:
+#: how baseline methods are drawn (method name in the points table → label, style)
+BASELINE_STYLES = {
+    "md_single": ("MD, one trajectory", "-", "0.35"),
+    "md_pooled": ("MD, all trajectories pooled", "--", "0.35"),
+    "metadynamics": ("metadynamics", "-.", "tab:brown"),
+    "grid": ("grid conditioning", ":", "tab:purple"),
+}
+
+
+def baseline_curves(
+    ax: Any, points: Any, metric: str, band: bool = True, absolute: bool = False
+) -> None:
+    """Mean over runs of ``metric`` (or of its absolute value) against evaluations for each
+    baseline method in the points table (``cgflow baseline speedup``), ± one standard deviation
+    shaded where runs differ. A point where any run is not finite (e.g. the ΔF of a trajectory
+    that never entered the basin) is left out, not averaged over the finite runs."""
+    if points is None or metric not in points.columns:
+        return
+    for method, (label, ls, colour) in BASELINE_STYLES.items():
+        df = points[(points["method"] == method) & points[metric].notna()]
+        if df.empty:
+            continue
+        values = df[metric].abs() if absolute else df[metric]
+        g = values.groupby(df["evaluations"])
+        ok = np.isfinite(g.mean().to_numpy()) & np.isfinite(g.min().to_numpy())
+        n = g.mean().index.to_numpy(float)[ok]
+        mean, std = g.mean().to_numpy()[ok], g.std(ddof=0).to_numpy()[ok]
+        if not len(n):
+            continue
+        ax.plot(n, mean, ls=ls, color=colour, label=f"{label} ({metric})")
+        if band and np.nan_to_num(std).any():
+            ax.fill_between(n, mean - std, mean + std, color=colour, alpha=0.15, lw=0)
+
+
+def convergence(
+    path: str | os.PathLike, summary: Any, title: str = "", baselines: Any = None
+) -> None:
     """Metrics of ``summary.csv`` (a DataFrame) against the cumulative energy evaluations N:
     KLD (log scale, reference noise floors dotted), ΔF errors (ALDP, reference standard error
-    shaded) or max |ΔF| (Müller–Brown), and the number of training points."""
+    shaded) or max |ΔF| (Müller–Brown), and the number of training points. With a
+    ``baselines`` points table, the baselines' std36 KLD and φ > 0 ΔF error are drawn too."""
     df = summary
     N = np.asarray(df["N"], dtype=np.float64)
     fig, axes = plt.subplots(1, 3, figsize=(15.0, 4.2))
     _kld_panel(axes[0], df, N)
     _error_panel(axes[1], df, N)
+    baseline_curves(axes[0], baselines, "kld_std36")
+    baseline_curves(axes[1], baselines, "dF_phi_pos_err_kT")
     axes[2].plot(N, df["n_train_points"], "o-", label="training CG points")
     axes[2].set_ylabel("CG points")
     for ax in axes:
@@ -241,4 +280,38 @@ def convergence(path: str | os.PathLike, summary: Any, title: str = "") -> None:
             ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
+    _save(fig, path)
+
+
+def speedup_curves(
+    path: str | os.PathLike, points: Any, targets: Sequence[str], campaign: str = "campaign"
+) -> None:
+    """KLD (std36 and shifted100) and |ΔF(φ > 0) error| against energy evaluations for the
+    campaign (markers) and every baseline (lines), with the targets of the speedup table."""
+    metrics = ("kld_std36", "kld_shifted100", "dF_phi_pos_err_kT")
+    fig, axes = plt.subplots(1, 3, figsize=(16.0, 4.4))
+    for ax, metric in zip(axes, metrics, strict=True):
+        absolute = metric.startswith("dF_")
+        shown = [
+            m
+            for m in dict.fromkeys(points["method"])
+            if m not in BASELINE_STYLES
+            and (not m.endswith("(training only)") or m == f"{campaign} (training only)")
+        ]
+        for i, name in enumerate(shown):
+            df = points[(points["method"] == name) & np.isfinite(points[metric])]
+            if not df.empty:
+                y = df[metric].abs() if absolute else df[metric]
+                ax.plot(df["evaluations"], y, "o-", color=f"C{i}", ms=4, label=name)
+        baseline_curves(ax, points, metric, absolute=absolute)
+        for t in targets:
+            m, thr = t.split("<=")
+            if m.strip() == metric:
+                ax.axhline(float(thr), color="k", lw=0.6, ls=":")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("energy evaluations")
+        ax.set_ylabel("|ΔF(φ > 0) error| / kT" if absolute else f"{metric} / nat")
+        ax.legend(fontsize=7)
+    fig.suptitle("campaign vs baselines (targets dotted)")
     _save(fig, path)

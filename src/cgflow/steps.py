@@ -72,6 +72,11 @@ class Settings:
         return self._system
 
     @property
+    def grid_mode(self) -> bool:
+        """The grid-conditioning variant (``mode: grid``) instead of active learning."""
+        return self.cfg.get("mode", "active_learning") == "grid"
+
+    @property
     def dtype(self) -> torch.dtype:
         return getattr(torch, self.cfg.get("dtype", "float32"))
 
@@ -197,9 +202,22 @@ def pretrain(st: Settings, start_h5: Any, out: Any) -> None:
 
 
 def initial_points(st: Settings, start_h5: Any, out: Any) -> None:
-    """CG points of the starting frames (optionally a random subset), train/test split."""
-    from .sampling import split_groups
+    """CG points of the starting frames (optionally a random subset), train/test split; in the
+    grid mode the regular grid instead (random split)."""
+    from .sampling import split_groups, split_points
 
+    if st.grid_mode:
+        from .campaign import grid_points
+
+        s = grid_points(st.system, int(st["grid"]["per_axis"]))
+        _, te = split_points(
+            len(s), st["start"]["test_fraction"], seed=stage_seed(st.seed, 0, "initial_points")
+        )
+        split = torch.zeros(len(s), dtype=torch.int64)
+        split[te] = 1
+        group = torch.arange(len(s))
+        _write_points(st, out, 0, s, split, torch.zeros(len(s), dtype=torch.int64), group, [])
+        return
     s, _ = _start_values(st, start_h5)
     n = st["start"].get("n_points") or 0
     gen = torch.Generator().manual_seed(stage_seed(st.seed, 0, "initial_points"))
@@ -229,8 +247,10 @@ def finetune(
     flow = flow.to(st.dtype)
     p = _read_points(points_in)
     train = p["split"] == 0
-    latest = p["s"][train & (p["tag"] == iteration - 1)].to(st.dtype)
-    older = p["s"][train & (p["tag"] < iteration - 1)].to(st.dtype)
+    # grid mode: no points are ever added, every iteration trains on the whole grid
+    newest = iteration - 1 if not st.grid_mode else int(p["tag"].max())
+    latest = p["s"][train & (p["tag"] == newest)].to(st.dtype)
+    older = p["s"][train & (p["tag"] < newest)].to(st.dtype)
     section = st["energy_training"]["first" if iteration == 1 else "later"]
     cfg = EnergyConfig(**section, seed=stage_seed(st.seed, iteration, "finetune"))
     counter = EvaluationCounter()
@@ -477,6 +497,17 @@ def walkers(st: Settings, iteration: int, ensemble_in: Any, points_in: Any, out:
     ens = FreeEnergyEnsemble.load(ensemble_in)
     p = _read_points(points_in)
     w = st["walkers"]
+    n_cg = st.system.cg_spec.dim
+    if st.grid_mode:  # no walkers: nothing is added, the run ends at max_iterations
+        write_h5(
+            out,
+            "walkers",
+            {"points": np.zeros((0, n_cg)), "stop_steps": np.zeros(0, dtype=np.int64)},
+            {"points": "rad" if all(st.system.cg_spec.periodic) else "1", "stop_steps": "1"},
+            st.provenance(iteration),
+            attrs={"exhausted": False, "steps_used": 0, "n_walkers": 0, "grid_mode": True},
+        )
+        return
     if len(p["centres"]):
         starts = torch.as_tensor(p["centres"])
     elif w.get("start") is not None:
@@ -498,7 +529,6 @@ def walkers(st: Settings, iteration: int, ensemble_in: Any, points_in: Any, out:
         beta=float(w.get("beta", 1.0)),
         seed=stage_seed(st.seed, iteration, "walkers"),
     )
-    n_cg = st.system.cg_spec.dim
     write_h5(
         out,
         "walkers",
@@ -690,10 +720,16 @@ def backmap(
 
 
 def summary(
-    st: Settings, campaign_dir: Any, last_iteration: int, out: Any, plot_out: Any = None
+    st: Settings,
+    campaign_dir: Any,
+    last_iteration: int,
+    out: Any,
+    plot_out: Any = None,
+    baselines: Any = None,
 ) -> Any:
     """One row per iteration: metrics, points, energy evaluations by kind, cumulative N, wall
-    times; with ``plot_out``, also the convergence curves (metrics vs N)."""
+    times; with ``plot_out``, also the convergence curves (metrics vs N), with the curves of a
+    ``baselines`` points CSV if given."""
     import pandas as pd
 
     from .energy.counting import COUNTED_KINDS, UNCOUNTED_KINDS
@@ -743,8 +779,9 @@ def summary(
     if plot_out is not None:
         from .plots import convergence
 
+        base = pd.read_csv(baselines) if baselines else None
         with atomic_path(plot_out) as tmp:
-            convergence(tmp, df, f"{st.cfg.get('campaign', '')}: {st['system']['name']}")
+            convergence(tmp, df, f"{st.cfg.get('campaign', '')}: {st['system']['name']}", base)
     return df
 
 

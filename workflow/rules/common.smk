@@ -64,9 +64,9 @@ def config_snapshot(wildcards):
 # living in the snapshot, so raising max_iterations (or changing the stop rule) extends a
 # campaign instead of rerunning it from the start.
 STOP_KEYS = ("max_iterations", "stop")
-# Keys that only shape outputs after the campaign (passed to rule backmap as params), so
-# changing them never reruns the campaign.
-POST_KEYS = ("backmap",)
+# Keys that only shape outputs after the campaign (passed to rules backmap and summary as
+# params or inputs), so changing them never reruns the campaign.
+POST_KEYS = ("backmap", "baselines")
 
 
 def config_json(wildcards):
@@ -196,10 +196,18 @@ def summary_inputs(wildcards):
         "labels": "labels.h5",
         "points": "points.h5",
     }
-    return {
+    inputs = {
         key: [iteration_file(campaign, k, name) for k in its]
         for key, name in names.items()
     }
+    if config.get("baselines"):
+        inputs["baselines"] = config["baselines"]
+    return inputs
+
+
+def baselines_option(wildcards):
+    """`--baselines <csv>` of `cgflow wf summary` when the config names baseline points."""
+    return f"--baselines {config['baselines']}" if config.get("baselines") else ""
 
 
 def summary_iterations(wildcards, input):

@@ -47,10 +47,11 @@ rule summary:
     params:
         campaign_dir=campaign_folder,
         n=summary_iterations,
+        baselines=baselines_option,
     shell:
         "cgflow wf summary --config {input.cfg} --campaign-dir {params.campaign_dir}"
         " --iterations {params.n} --out {output.table} --out-plot {output.plot}"
-        " > {log} 2>&1"
+        " {params.baselines} > {log} 2>&1"
 
 
 rule backmap:
