@@ -34,6 +34,7 @@ localrules:
     select,
     check,
     summary,
+    speedup,
 
 
 rule all:

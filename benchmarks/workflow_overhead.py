@@ -26,7 +26,7 @@ import pandas as pd
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("Snakefile", "workflow", "config", "profiles", "envs")
+COPIED = ("Snakefile", "workflow", "config", "profiles", "envs", "data/baselines/speedup")
 
 
 def job_times(campaign_dir: Path) -> pd.DataFrame:
@@ -51,8 +51,9 @@ def run_campaign(config: Path, cores: int) -> tuple[Path, float]:
     """Run the campaign of ``config`` in a temporary copy; returns its folder and the wall time."""
     tmp = Path(tempfile.mkdtemp(prefix="cgflow-overhead-"))
     for name in COPIED:
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp / name)
+        src, dst = ROOT / name, tmp / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
     campaign = yaml.safe_load(config.read_text())["campaign"]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     cmd = [

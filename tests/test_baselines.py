@@ -262,3 +262,35 @@ def test_speedup_cli_end_to_end(tmp_path, aldp):
         )
         == 2
     )
+
+
+def test_campaign_speedup_step_against_shipped_style_points(tmp_path):
+    """Rule speedup: a campaign summary against a points table's baseline methods only."""
+    from cgflow import steps
+
+    summary = tmp_path / "summary.csv"
+    pd.DataFrame(
+        {
+            "iteration": [1, 2],
+            "N": [1e5, 1e6],
+            "metric_kld_std36": [0.2, 0.02],
+            "metric_dF_phi_pos_err_kT": [1.0, 0.1],
+        }
+    ).to_csv(summary, index=False)
+    base = tmp_path / "points.csv"
+    pd.DataFrame(
+        [
+            {"method": "campaign", "run": "0", "evaluations": 10.0, "kld_std36": 1e-4},  # ignored
+            {"method": "metadynamics", "run": "1", "evaluations": 1e5, "kld_std36": 0.5},
+            {"method": "metadynamics", "run": "1", "evaluations": 1e7, "kld_std36": 0.01},
+        ]
+    ).to_csv(base, index=False)
+    st = steps.Settings({"seed": 0})
+    table = steps.speedup(st, summary, base, tmp_path / "s.csv", tmp_path / "s.md")
+    t = table.set_index(["target", "method"])
+    assert t.loc[("kld_std36<=0.05", "campaign"), "status"] == "measured"
+    assert 1e5 < t.loc[("kld_std36<=0.05", "campaign"), "evaluations"] < 1e6
+    assert t.loc[("kld_std36<=0.05", "metadynamics"), "ratio_to_campaign"] > 1
+    assert "| kld_std36<=0.05 | metadynamics |" in (tmp_path / "s.md").read_text()
+    with pytest.raises(ValueError, match="evaluations"):
+        bl.campaign_speedup(summary, pd.DataFrame({"method": ["md_single"]}))

@@ -22,9 +22,10 @@ ENV.pop("CGFLOW_FAIL_SHARD", None)
 
 
 def workdir(tmp: Path) -> Path:
-    for name in ("Snakefile", "workflow", "config", "envs", "profiles"):
-        src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp / name)
+    for name in ("Snakefile", "workflow", "config", "envs", "profiles", "data/baselines/speedup"):
+        src, dst = REPO / name, tmp / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
     return tmp
 
 
@@ -256,7 +257,8 @@ def test_slurm_profile_dry_run_resolves_resources(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "config", ["config.yaml", "mueller_brown.yaml", "aldp_paper.yaml", "test_mb.yaml"]
+    "config",
+    ["config.yaml", "mueller_brown.yaml", "aldp_paper.yaml", "aldp_grid.yaml", "test_mb.yaml"],
 )
 def test_every_shipped_config_validates_and_plans(tmp_path, config):
     wd = workdir(tmp_path)
@@ -273,5 +275,7 @@ def test_every_shipped_config_validates_and_plans(tmp_path, config):
     res = subprocess.run(cmd, cwd=wd, env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "start" in res.stdout
-    # backmapped structures only for the molecule (a system with an all-atom topology)
+    # backmapped structures and the speedup table against the shipped baselines only for the
+    # molecule (a system with an all-atom topology and the reference)
     assert ("backmap" in res.stdout) == config.startswith(("config", "aldp"))
+    assert ("speedup" in res.stdout) == config.startswith(("config", "aldp"))

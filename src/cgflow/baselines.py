@@ -189,6 +189,8 @@ def md_points(
 def mean_curve(points: Any, method: str, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(evaluations, mean, std)`` of ``metric`` over the runs of ``method`` (per distinct
     evaluation count; |value| for ΔF errors; runs with inf make the mean inf)."""
+    if metric not in points.columns:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
     df = points[points["method"] == method]
     df = df[np.isfinite(df["evaluations"])].dropna(subset=[metric])
     if df.empty:
@@ -397,3 +399,25 @@ def build_speedup(
 
     speedup_curves(out / "curves.png", points, targets, campaign=first)
     return table
+
+
+#: methods of a points table that are baselines (drawn and compared next to a campaign)
+BASELINE_METHODS = ("md_single", "md_pooled", "metadynamics", "grid")
+
+
+def campaign_speedup(
+    summary: Any, baseline_points: Any, targets: Sequence[str] = DEFAULT_TARGETS
+) -> tuple[Any, Any]:
+    """The speedup table of one campaign (its ``summary.csv``) against the baselines of a
+    shipped points table (``points.csv`` of :func:`build_speedup`); returns (table, points)."""
+    import pandas as pd
+
+    base = baseline_points
+    if not isinstance(base, pd.DataFrame):
+        base = pd.read_csv(base)
+    missing = {"method", "evaluations"} - set(base.columns)
+    if missing:
+        raise ValueError(f"baseline points lack column(s) {sorted(missing)}")
+    base = base[base["method"].isin(BASELINE_METHODS)]
+    points = pd.concat([pd.DataFrame(campaign_points(summary)), base], ignore_index=True)
+    return speedup_table(points, targets), points

@@ -165,6 +165,8 @@ def cmd_wf(args: argparse.Namespace) -> int:
         print(json.dumps(status))
     elif args.step == "backmap":
         steps.backmap(st, args.flow, json.loads(args.points), args.structures, args.out_dir)
+    elif args.step == "speedup":
+        steps.speedup(st, args.summary, args.baselines, args.out, args.out_md)
     elif args.step == "summary":
         steps.summary(
             st, args.campaign_dir, args.iterations, args.out, args.out_plot, args.baselines
@@ -254,11 +256,12 @@ def _add_wf(sub: argparse._SubParsersAction) -> None:
         ("--out-plot", {"type": P, "default": None, "help": "convergence curves (PNG)"}),
         ("--baselines", {"type": P, "default": None, "help": "baseline points (CSV) to draw"}),
     )
+    step("speedup", ("--summary", req), ("--baselines", req), ("--out", req), ("--out-md", req))
     wf.set_defaults(func=cmd_wf)
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
-    """Baselines of issue 6: metadynamics runs."""
+    """Baselines: metadynamics runs and the speedup table."""
     from dataclasses import fields
 
     from .baselines import DEFAULT_TARGETS
@@ -282,6 +285,8 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         campaigns = {}
         for spec in args.campaign:
             name, _, path = spec.rpartition("=")
+            if (name or "campaign") in campaigns:
+                raise ValueError(f"--campaign: the name {name or 'campaign'!r} is given twice")
             campaigns[name or "campaign"] = Path(path)
         table = build_speedup(
             args.out_dir,
@@ -322,7 +327,7 @@ def _add_baseline(sub: argparse._SubParsersAction) -> None:
             type=typ,
             default=None,
             help=hlp,
-            dest=flag[2:].replace("-", "_").replace("kj", "kJ"),
+            dest=flag[2:].replace("-", "_"),
         )
     p = bs.add_parser("speedup", help="points of every method and the speedup table")
     p.add_argument(

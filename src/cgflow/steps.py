@@ -800,3 +800,16 @@ def _wall_times(bench_dir: Path, iteration: int) -> dict[str, float]:
             continue
         out[f"seconds_{rule}"] = out.get(f"seconds_{rule}", 0.0) + seconds
     return out
+
+
+def speedup(st: Settings, summary_in: Any, baselines_in: Any, out: Any, out_md: Any) -> Any:
+    """The campaign against the shipped baselines: evaluations to reach each target, ratios
+    (:func:`cgflow.baselines.campaign_speedup`), as CSV and Markdown."""
+    from .baselines import campaign_speedup, markdown_table
+
+    table, _ = campaign_speedup(summary_in, baselines_in)
+    with atomic_path(out) as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_path(out_md) as tmp:
+        tmp.write_text(markdown_table(table))
+    return table

@@ -47,12 +47,27 @@ def summary_outputs(campaign):
 
 def final_output():
     """Targets of the default rule (all), i.e. the campaign summary (the aggregator walks the
-    checkpoints) and, for systems with an all-atom topology, the backmapped structures of the
-    final flow."""
+    checkpoints), with baselines configured the speedup table, and, for systems with an
+    all-atom topology, the backmapped structures of the final flow."""
     campaign = config["campaign"]
-    return summary_outputs(campaign) + (
-        backmap_outputs(campaign) if backmap_wanted() else []
+    return (
+        summary_outputs(campaign)
+        + (speedup_outputs(campaign) if config.get("baselines") else [])
+        + (backmap_outputs(campaign) if backmap_wanted() else [])
     )
+
+
+def speedup_outputs(campaign):
+    """The campaign against the configured baselines (rule speedup)."""
+    return [
+        f"{campaign_dir(campaign)}/speedup.csv",
+        f"{campaign_dir(campaign)}/speedup.md",
+    ]
+
+
+def baselines_file(wildcards):
+    """The configured baseline points (input of rule speedup)."""
+    return config["baselines"]
 
 
 def config_snapshot(wildcards):

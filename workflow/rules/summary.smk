@@ -1,6 +1,7 @@
 # The validated config of the campaign (input of every rule), the campaign summary (the
-# aggregator, whose input walks the convergence checkpoints) and the backmapped structures of
-# the final flow (whose input walks them too, to find the last iteration).
+# aggregator, whose input walks the convergence checkpoints), the speedup table against the
+# configured baselines, and the backmapped structures of the final flow (whose input walks
+# the checkpoints too, to find the last iteration).
 
 
 rule config_snapshot:
@@ -52,6 +53,31 @@ rule summary:
         "cgflow wf summary --config {input.cfg} --campaign-dir {params.campaign_dir}"
         " --iterations {params.n} --out {output.table} --out-plot {output.plot}"
         " {params.baselines} > {log} 2>&1"
+
+
+rule speedup:
+    input:
+        cfg=config_snapshot,
+        summary="results/{campaign}/summary.csv",
+        baselines=baselines_file,
+    output:
+        table=report(
+            "results/{campaign}/speedup.csv",
+            caption="../report/speedup.rst",
+            category="Convergence",
+            labels={"campaign": "{campaign}", "figure": "speedup"},
+        ),
+        md="results/{campaign}/speedup.md",
+    log:
+        "results/{campaign}/logs/speedup/speedup.log",
+    benchmark:
+        "results/{campaign}/benchmarks/speedup/speedup.tsv"
+    conda:
+        "../../envs/cgflow.yaml"
+    shell:
+        "cgflow wf speedup --config {input.cfg} --summary {input.summary}"
+        " --baselines {input.baselines} --out {output.table} --out-md {output.md}"
+        " > {log} 2>&1"
 
 
 rule backmap:
