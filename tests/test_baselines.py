@@ -84,6 +84,14 @@ def test_metadynamics_runs_resumes_and_refuses_other_settings(tmp_path, aldp):
         run_metadynamics(aldp, MetadSettings(**{**st.__dict__, "sigma_rad": 0.5}), out)
     with pytest.raises(ValueError, match="multiple of deposit_every"):
         MetadSettings(record_every=600, deposit_every=500)
+    from cgflow.systems import get_system
+
+    with pytest.raises(ValueError, match="molecular system"):
+        run_metadynamics(get_system("mueller_brown"), st, tmp_path / "mb.h5")
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f.attrs["kind"] = "reference"
+    with pytest.raises(ValueError, match="not a metadynamics run file"):
+        bl.metadynamics_points(tmp_path / "other.h5", {})
 
 
 # ------------------------------------------------------------------------------ MD curves

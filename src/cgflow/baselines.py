@@ -114,11 +114,13 @@ def metadynamics_points(
 
     from .metadynamics import interpolate_periodic
 
-    counts = _reference_counts(reference)
     with h5py.File(run_h5, "r") as f:
+        if f.attrs.get("kind") != "metadynamics":
+            raise ValueError(f"{run_h5}: not a metadynamics run file (cgflow baseline metad)")
         steps = f["steps"][()]
         F = f["F_kT"][()]
         seed = json.loads(f.attrs["settings"])["seed"]
+    counts = _reference_counts(reference)
     rows = []
     for k, step in enumerate(steps):
         model = {g: interpolate_periodic(F[k], GRIDS[g].centres_phi_psi()) for g in KLD_GRIDS}

@@ -201,6 +201,10 @@ def run_metadynamics(
     from openmm import unit
 
     out = Path(out)
+    if getattr(system, "openmm_system", None) is None or not all(system.cg_spec.periodic):
+        raise ValueError(
+            f"metadynamics needs a molecular system with dihedral CG coordinates, got {system.name!r}"
+        )
     sim, meta = _build(system, settings)
     kT = 0.00831446261815324 * system.temperature_K
     if out.exists():
