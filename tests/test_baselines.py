@@ -109,6 +109,10 @@ def test_md_points_converge_and_pool():
     last = pooled.iloc[-1]
     assert last.kld_std36 < single[single.evaluations == 40_000].kld_std36.min()
     assert abs(last.dF_phi_pos_err_kT) < 0.1  # iid draws: the basin weight is right
+    # a trajectory stuck in one bin stays far off
+    one_bin = np.tile(series[0, :1], (1, 4000, 1))
+    p1 = pd.DataFrame(bl.md_points(one_bin, 10, ref, n_points=4))
+    assert (p1[p1.method == "md_single"].kld_std36 > 1.0).all()
     # a trajectory that never entered the φ > 0 basin has an infinite ΔF error
     stuck = series.copy()
     stuck[..., 0] = -np.abs(stuck[..., 0]) - 0.1

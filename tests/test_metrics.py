@@ -141,25 +141,3 @@ def test_mueller_brown_metrics():
     bumped = exact + np.where(exact < 1.0, 0.0, 0.5)  # aligned at the minimum
     out = M.mueller_brown_metrics(bumped, exact, np.zeros(100))
     assert out["max_abs_dF_kT"] == pytest.approx(0.5) and out["kld"] > 0
-
-
-def test_trajectory_kld_curve_falls_for_a_sampling_chain_and_stays_high_for_a_stuck_one():
-    from cgflow.metrics import GRIDS, trajectory_kld_curve
-
-    grid = GRIDS["std36"]
-    rng = np.random.default_rng(0)
-    centres = grid.centres_phi_psi().reshape(-1, 2)
-    p = np.exp(-0.5 * ((centres[:, 0] + 2.0) ** 2 + (centres[:, 1] - 2.5) ** 2) / 0.3)
-    p /= p.sum()
-    ref_counts = np.round(p * 1e7)
-    good = centres[rng.choice(len(p), size=20000, p=p)]  # independent draws of the reference
-    stuck = np.tile(centres[np.argmax(p)], (20000, 1))  # never leaves one bin
-    out = trajectory_kld_curve(np.stack([good, stuck]), ref_counts, grid, steps_per_frame=100)
-    steps, kld = out["steps"], out["kld"]
-    assert steps[0] == 100 and steps[-1] == 2_000_000 and np.all(np.diff(steps) > 0)
-    assert np.all(np.isfinite(kld))
-    # falls towards the pseudo-count bias: -log(1 - 648 / 20648) = 0.032 nats
-    assert kld[-1, 0] < 0.05 < 1.0 < kld[0, 0]
-    assert kld[-1, 1] > 1.0  # a trajectory stuck in one bin does not
-    with pytest.raises(ValueError, match="chains, frames, 2"):
-        trajectory_kld_curve(good, ref_counts, grid, 100)

@@ -294,37 +294,3 @@ def mueller_brown_metrics(
         "kld": forward_kld(np.exp(-(exact - exact.min())), model_probabilities(f)),
         "max_std_kT": float(np.max(std_kT)),
     }
-
-
-def trajectory_kld_curve(
-    series_phi_psi: np.ndarray,
-    ref_counts: np.ndarray,
-    grid: Grid2D,
-    steps_per_frame: int,
-    n_points: int = 20,
-    pseudo_count: float = 0.5,
-) -> dict[str, np.ndarray]:
-    """Forward KLD of the reference against each trajectory's own histogram, vs MD steps.
-
-    ``series_phi_psi [chains, frames, 2]`` (standard φ, ψ in rad, one frame every
-    ``steps_per_frame`` steps) is histogrammed on ``grid`` over its first ``t`` frames for
-    ``n_points`` log-spaced ``t``. A trajectory leaves most bins empty early on, which makes the
-    KLD infinite; ``pseudo_count`` is added to every bin (Krichevsky–Trofimov, 0.5), so early
-    values are finite but biased, as any histogram estimate from a short run. Returns ``steps``
-    ``[n_points]`` (energy evaluations per trajectory = MD steps) and ``kld`` ``[n_points,
-    chains]`` in nats.
-    """
-    series = np.asarray(series_phi_psi, dtype=np.float64)
-    if series.ndim != 3 or series.shape[2] != 2:
-        raise ValueError(f"series_phi_psi must be [chains, frames, 2], got {series.shape}")
-    if pseudo_count <= 0:
-        raise ValueError(f"pseudo_count must be > 0, got {pseudo_count}")
-    n_chains, n_frames, _ = series.shape
-    frames = np.unique(np.geomspace(1, n_frames, n_points).astype(np.int64))
-    kld = np.zeros((len(frames), n_chains))
-    for c in range(n_chains):
-        flat = grid.flat_index(series[c])
-        for i, t in enumerate(frames):
-            counts = np.bincount(flat[:t], minlength=grid.bins**2).astype(np.float64)
-            kld[i, c] = forward_kld(ref_counts, counts + pseudo_count)
-    return {"steps": frames * int(steps_per_frame), "kld": kld}
