@@ -232,6 +232,12 @@ def test_bad_config_key_fails_before_any_job(tmp_path):
     assert not (wd / "results").exists()
 
 
+def test_speedup_without_baselines_names_the_missing_key(tmp_path):
+    wd = workdir(tmp_path)
+    res = snakemake(wd, "-n", targets=(f"{CAMPAIGN}/speedup.csv",), check=False)
+    assert res.returncode != 0 and "set `baselines` in the config" in res.stdout + res.stderr
+
+
 def test_lint_and_format():
     res = subprocess.run(
         [sys.executable, "-m", "snakemake", "--lint"],

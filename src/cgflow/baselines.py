@@ -119,13 +119,13 @@ def metadynamics_points(
             raise ValueError(f"{run_h5}: not a metadynamics run file (cgflow baseline metad)")
         steps = f["steps"][()]
         F = f["F_kT"][()]
-        seed = json.loads(f.attrs["settings"])["seed"]
+        run = f"{Path(run_h5).stem} (seed {json.loads(f.attrs['settings'])['seed']})"
     counts = _reference_counts(reference)
     rows = []
     for k, step in enumerate(steps):
         model = {g: interpolate_periodic(F[k], GRIDS[g].centres_phi_psi()) for g in KLD_GRIDS}
         m = aldp_metrics(model, counts)
-        rows.append({"method": method, "run": str(seed), "evaluations": float(step), **_keep(m)})
+        rows.append({"method": method, "run": run, "evaluations": float(step), **_keep(m)})
     return rows
 
 
@@ -215,15 +215,21 @@ def power_law_fit(n: np.ndarray, y: np.ndarray, last: int = 6) -> tuple[float, f
     return float(logA), float(b)
 
 
+#: extrapolations further than this factor beyond the last point run are not reported
+MAX_EXTRAPOLATION = 30.0
+
+
 def evaluations_to_reach(
     n: np.ndarray, y: np.ndarray, threshold: float, fit_last: int = 6, extrapolate: bool = True
 ) -> dict[str, Any]:
     """Evaluations from which on the curve ``y(n)`` stays at ``y <= threshold`` (a noisy curve
     that dips below and comes back up has not reached it).
 
-    Measured: log-log interpolation between the last point above and the next one. Otherwise,
-    for a KLD, extrapolated from :func:`power_law_fit` if the curve is falling (exponent
-    < -0.2, reported); else a lower bound (the largest ``n`` run).
+    *measured*: log-log interpolation between the last point above and the next one; *at
+    most*: already below at the first point run. Otherwise, for a KLD, *extrapolated* from
+    :func:`power_law_fit` if the curve is falling (exponent < -0.3, reported) and the crossing
+    lies beyond the run but within :data:`MAX_EXTRAPOLATION` times its length; else a *lower
+    bound* (the largest ``n`` run).
     """
     n, y = np.asarray(n, dtype=float), np.asarray(y, dtype=float)
     if len(n) == 0:
@@ -231,7 +237,13 @@ def evaluations_to_reach(
     above = np.flatnonzero(~(y <= threshold))
     if len(above) < len(y) and (len(above) == 0 or above[-1] < len(y) - 1):
         i = 0 if len(above) == 0 else int(above[-1]) + 1
-        if i == 0 or not np.isfinite(y[i - 1]):
+        if i == 0:
+            return {
+                "evaluations": float(n[0]),
+                "status": "at most",
+                "note": "already reached at the first point run",
+            }
+        if not np.isfinite(y[i - 1]):
             return {"evaluations": float(n[i]), "status": "measured"}
         t = (math.log(y[i - 1]) - math.log(threshold)) / (
             math.log(y[i - 1]) - math.log(max(y[i], 1e-300))
@@ -242,22 +254,26 @@ def evaluations_to_reach(
             ),
             "status": "measured",
         }
-    try:
-        logA, b = power_law_fit(n, y, fit_last) if extrapolate else (math.nan, math.nan)
-    except ValueError:
-        b = math.nan
-    if math.isfinite(b) and b < -0.2:
-        return {
-            "evaluations": float(math.exp((math.log(threshold) - logA) / b)),
-            "status": "extrapolated",
-            "note": f"power law n^{b:.2f} fitted to the last {min(fit_last, len(n))} points",
-        }
-    return {
-        "evaluations": float(n.max()),
-        "status": "lower bound",
-        "note": "not reached within the run"
-        + ("; no falling trend to extrapolate" if extrapolate else " (not extrapolated)"),
-    }
+    why = "not reached within the run" + ("" if extrapolate else " (not extrapolated)")
+    if extrapolate:
+        try:
+            logA, b = power_law_fit(n, y, fit_last)
+        except ValueError:
+            logA, b = math.nan, math.nan
+        at = math.exp((math.log(threshold) - logA) / b) if math.isfinite(b) and b < 0 else math.inf
+        if b < -0.3 and n.max() < at <= MAX_EXTRAPOLATION * n.max():
+            return {
+                "evaluations": float(at),
+                "status": "extrapolated",
+                "note": f"power law n^{b:.2f} fitted to the last {min(fit_last, len(n))} points",
+            }
+        why += (
+            "; no falling trend to extrapolate"
+            if not b < -0.3
+            else f"; a power-law fit (n^{b:.2f}) does not cross it within "
+            f"{MAX_EXTRAPOLATION:g}x the run"
+        )
+    return {"evaluations": float(n.max()), "status": "lower bound", "note": why}
 
 
 def parse_target(target: str) -> tuple[str, float]:
@@ -268,7 +284,10 @@ def parse_target(target: str) -> tuple[str, float]:
     metric = metric.strip()
     if metric not in POINT_METRICS:
         raise ValueError(f"target metric {metric!r} is not one of {POINT_METRICS}")
-    return metric, float(thr)
+    value = float(thr)
+    if not value > 0:
+        raise ValueError(f"target {target!r}: the threshold must be > 0")
+    return metric, value
 
 
 def speedup_table(points: Any, targets: Sequence[str], reference_method: str = "campaign") -> Any:
@@ -277,6 +296,11 @@ def speedup_table(points: Any, targets: Sequence[str], reference_method: str = "
     reference``: the speedup of the campaign over that method); quoted rows appended."""
     import pandas as pd
 
+    if len(points) == 0 or "method" not in points.columns:
+        raise ValueError(
+            "no points with alanine-dipeptide metrics (is the summary from an alanine-dipeptide "
+            "campaign?)"
+        )
     rows = []
     methods = list(dict.fromkeys(points["method"]))
     for target in targets:
@@ -291,8 +315,9 @@ def speedup_table(points: Any, targets: Sequence[str], reference_method: str = "
         ref_status = found.get(reference_method, {}).get("status")
         for m, r in found.items():
             ratio = r["evaluations"] / ref if ref and math.isfinite(ref) else math.nan
-            if r["status"] == "lower bound" and m != reference_method:
-                r["note"] = r.get("note", "") + "; the ratio is a lower bound too"
+            if r["status"] in ("lower bound", "at most") and m != reference_method:
+                bound = "a lower" if r["status"] == "lower bound" else "an upper"
+                r["note"] = r.get("note", "") + f"; the ratio is {bound} bound too"
             if ref_status != "measured" and m != reference_method:
                 r["note"] = (r.get("note", "") + f"; {reference_method} {ref_status}").strip("; ")
             rows.append({**r, f"ratio_to_{reference_method}": ratio})

@@ -284,7 +284,9 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
         campaigns = {}
         for spec in args.campaign:
-            name, _, path = spec.rpartition("=")
+            name, sep, path = spec.partition("=")
+            if not sep:
+                name, path = "", spec
             if (name or "campaign") in campaigns:
                 raise ValueError(f"--campaign: the name {name or 'campaign'!r} is given twice")
             campaigns[name or "campaign"] = Path(path)

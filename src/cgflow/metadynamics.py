@@ -57,6 +57,10 @@ class MetadSettings:
                 f"record_every ({self.record_every}) must be a multiple of deposit_every "
                 f"({self.deposit_every})"
             )
+        if self.n_steps % self.record_every:
+            raise ValueError(
+                f"n_steps ({self.n_steps}) must be a multiple of record_every ({self.record_every})"
+            )
         if self.bias_factor <= 1:
             raise ValueError(f"bias_factor must be > 1, got {self.bias_factor}")
 
@@ -173,7 +177,9 @@ def _save(path: Path, settings: MetadSettings, state: dict[str, Any], meta_info:
             d.attrs["units"] = unit
 
 
-def _load(path: Path, settings: MetadSettings) -> dict[str, np.ndarray]:
+def _load(
+    path: Path, settings: MetadSettings, system_name: str, kT: float
+) -> dict[str, np.ndarray]:
     with h5py.File(path, "r") as f:
         if f.attrs.get("kind") != "metadynamics":
             raise ValueError(f"{path}: not a metadynamics run file")
@@ -186,6 +192,15 @@ def _load(path: Path, settings: MetadSettings) -> dict[str, np.ndarray]:
         }
         if diff:
             raise ValueError(f"{path}: was run with other settings (saved, now): {diff}")
+        if f.attrs.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{path}: format version {f.attrs.get('format_version')} != {FORMAT_VERSION}"
+            )
+        if f.attrs.get("system") != system_name or not math.isclose(f.attrs["kT_kJ_per_mol"], kT):
+            raise ValueError(
+                f"{path}: was run for system {f.attrs.get('system')!r} at kT "
+                f"{f.attrs.get('kT_kJ_per_mol')} kJ/mol, not {system_name!r} at {kT}"
+            )
         return {k: f[k][()] for k in f.keys()}
 
 
@@ -201,17 +216,23 @@ def run_metadynamics(
     from openmm import unit
 
     out = Path(out)
-    if getattr(system, "openmm_system", None) is None or not all(system.cg_spec.periodic):
+    if getattr(system, "openmm_system", None) is None or len(system.cg_spec.names) != 2:
         raise ValueError(
-            f"metadynamics needs a molecular system with dihedral CG coordinates, got {system.name!r}"
+            "metadynamics needs a molecular system with two dihedral CG coordinates, got "
+            f"{system.name!r}"
         )
     sim, meta = _build(system, settings)
-    kT = 0.00831446261815324 * system.temperature_K
+    kT = float(system.kT)  # kJ/mol
     if out.exists():
-        saved = _load(out, settings)
+        saved = _load(out, settings, system.name, kT)
         step = int(saved["steps"][-1])
-        sim.context.setPositions(saved["positions_nm"])
-        sim.context.setVelocities(saved["velocities_nm_per_ps"])
+        try:  # positions, velocities, step and the integrator's random state (same platform)
+            sim.context.loadCheckpoint(saved["checkpoint"].tobytes())
+        except Exception:  # older file or another platform: the state without the RNG
+            sim.context.setPositions(saved["positions_nm"])
+            sim.context.setVelocities(saved["velocities_nm_per_ps"])
+            # a fresh noise stream, not a replay of the first one
+            sim.integrator.setRandomNumberSeed((int(settings.seed) * 1_000_003 + step) % 2**31 or 1)
         sim.currentStep = step
         _restore_bias(meta, sim, saved["bias_kJ"])
         steps, F, cv = list(saved["steps"]), list(saved["F_kT"]), list(saved["cv_rad"])
@@ -239,6 +260,7 @@ def run_metadynamics(
                 "F_kT": (np.stack(F), "kT"),
                 "cv_rad": (np.stack(cv), "rad"),
                 "bias_kJ": (bias, "kJ/mol"),
+                "checkpoint": (np.frombuffer(sim.context.createCheckpoint(), dtype=np.uint8), "1"),
                 "positions_nm": (
                     np.asarray(st.getPositions(asNumpy=True).value_in_unit(unit.nanometer)),
                     "nm",

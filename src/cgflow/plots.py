@@ -288,8 +288,13 @@ def speedup_curves(
 ) -> None:
     """KLD (std36 and shifted100) and |ΔF(φ > 0) error| against energy evaluations for the
     campaign (markers) and every baseline (lines), with the targets of the speedup table."""
-    metrics = ("kld_std36", "kld_shifted100", "dF_phi_pos_err_kT")
-    fig, axes = plt.subplots(1, 3, figsize=(16.0, 4.4))
+    metrics = [
+        m for m in ("kld_std36", "kld_shifted100", "dF_phi_pos_err_kT") if m in points.columns
+    ]
+    if not metrics:
+        raise ValueError("the points have none of kld_std36, kld_shifted100, dF_phi_pos_err_kT")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.4 * len(metrics), 4.4), squeeze=False)
+    axes = axes[0]
     for ax, metric in zip(axes, metrics, strict=True):
         absolute = metric.startswith("dF_")
         shown = [

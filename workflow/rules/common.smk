@@ -7,6 +7,7 @@ backmap of the final flow walk the per-iteration checkpoints `check` (see `last_
 
 import json
 import re
+import shlex
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
@@ -67,6 +68,11 @@ def speedup_outputs(campaign):
 
 def baselines_file(wildcards):
     """The configured baseline points (input of rule speedup)."""
+    if not config.get("baselines"):
+        raise WorkflowError(
+            "speedup.csv needs baseline points: set `baselines` in the config "
+            "(e.g. data/baselines/speedup/points.csv)"
+        )
     return config["baselines"]
 
 
@@ -222,7 +228,8 @@ def summary_inputs(wildcards):
 
 def baselines_option(wildcards):
     """`--baselines <csv>` of `cgflow wf summary` when the config names baseline points."""
-    return f"--baselines {config['baselines']}" if config.get("baselines") else ""
+    path = config.get("baselines")
+    return f"--baselines {shlex.quote(str(path))}" if path else ""
 
 
 def summary_iterations(wildcards, input):
