@@ -261,6 +261,7 @@ def test_campaign_points_from_a_summary():
 def test_speedup_cli_end_to_end(tmp_path, aldp):
     """`cgflow baseline speedup` on a campaign summary, MD series and a metadynamics run."""
     from cgflow.cli import main
+
     summary = tmp_path / "summary.csv"
     pd.DataFrame(
         {
