@@ -258,21 +258,24 @@ def test_campaign_points_from_a_summary():
         bl.campaign_points(df.drop(columns="N"))
 
 
+def two_iteration_summary(folder, **columns):
+    """A campaign summary.csv of two iterations (N 1e5, 1e6; 36 x 36 KLD 0.2, 0.02)."""
+    path = folder / "summary.csv"
+    base = {"iteration": [1, 2], "N": [1e5, 1e6], "metric_kld_std36": [0.2, 0.02]}
+    pd.DataFrame({**base, **columns}).to_csv(path, index=False)
+    return path
+
+
 def test_speedup_cli_end_to_end(tmp_path, aldp):
     """`cgflow baseline speedup` on a campaign summary, MD series and a metadynamics run."""
     from cgflow.cli import main
 
-    summary = tmp_path / "summary.csv"
-    pd.DataFrame(
-        {
-            "iteration": [1, 2],
-            "N": [1e5, 1e6],
-            "cum_evals_training": [5e4, 2e5],
-            "metric_kld_std36": [0.2, 0.02],
-            "metric_kld_shifted100": [0.3, 0.03],
-            "metric_dF_phi_pos_err_kT": [2.0, 0.1],
-        }
-    ).to_csv(summary, index=False)
+    summary = two_iteration_summary(
+        tmp_path,
+        cum_evals_training=[5e4, 2e5],
+        metric_kld_shifted100=[0.3, 0.03],
+        metric_dF_phi_pos_err_kT=[2.0, 0.1],
+    )
     md = tmp_path / "md.h5"
     rng = np.random.default_rng(0)
     with h5py.File(md, "w") as f:
@@ -332,15 +335,7 @@ def test_campaign_speedup_step_against_shipped_style_points(tmp_path):
     """Rule speedup: a campaign summary against a points table's baseline methods only."""
     from cgflow import steps
 
-    summary = tmp_path / "summary.csv"
-    pd.DataFrame(
-        {
-            "iteration": [1, 2],
-            "N": [1e5, 1e6],
-            "metric_kld_std36": [0.2, 0.02],
-            "metric_dF_phi_pos_err_kT": [1.0, 0.1],
-        }
-    ).to_csv(summary, index=False)
+    summary = two_iteration_summary(tmp_path, metric_dF_phi_pos_err_kT=[1.0, 0.1])
     base = tmp_path / "points.csv"
     pd.DataFrame(
         [
