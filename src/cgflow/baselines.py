@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from .metrics import (
+    DELTA_F_PAIRS,
     GRIDS,
     KLD_GRIDS,
     _pair_masks,
@@ -129,18 +130,27 @@ def metadynamics_points(
     return rows
 
 
-def _md_metrics(counts: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray]) -> dict:
-    """Metrics of MD histograms ``counts[g]``: KLD with the best pseudo-count, ΔF from raw
-    counts (inf where a region is empty)."""
-    out: dict[str, float] = {}
-    for g in KLD_GRIDS:
-        out[f"kld_{g}"] = min(forward_kld(ref[g], counts[g] + a) for a in MD_PSEUDO_COUNTS)
-    masks = _pair_masks(GRIDS["std100"])
-    for name, (a, b) in (("phi_pos", ("phi_pos", "not_phi_pos")), ("aR_beta", ("alpha_R", "beta"))):
-        ref_dF = delta_F_kT(ref["std100"], masks[a], masks[b])
-        md = delta_F_kT(counts["std100"], masks[a], masks[b])
-        out[f"dF_{name}_err_kT"] = md - ref_dF if math.isfinite(md) else math.inf
-    return out
+class _MDScorer:
+    """Metrics of MD histograms against the reference counts ``ref[g]``: KLD with the best
+    pseudo-count, basin ΔF errors from the raw counts (inf where a region is empty). The
+    reference's basin ΔF are computed once."""
+
+    def __init__(self, ref: Mapping[str, np.ndarray]) -> None:
+        self.ref = ref
+        self.masks = _pair_masks(GRIDS["std100"])
+        self.ref_dF = {
+            name: delta_F_kT(ref["std100"], self.masks[a], self.masks[b])
+            for name, (a, b) in DELTA_F_PAIRS.items()
+        }
+
+    def __call__(self, counts: Mapping[str, np.ndarray]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for g in KLD_GRIDS:
+            out[f"kld_{g}"] = min(forward_kld(self.ref[g], counts[g] + a) for a in MD_PSEUDO_COUNTS)
+        for name, (a, b) in DELTA_F_PAIRS.items():
+            md = delta_F_kT(counts["std100"], self.masks[a], self.masks[b])
+            out[f"dF_{name}_err_kT"] = md - self.ref_dF[name] if math.isfinite(md) else math.inf
+        return out
 
 
 def md_points(
@@ -154,6 +164,7 @@ def md_points(
         raise ValueError(f"series_phi_psi must be [chains, frames, 2], got {series.shape}")
     n_chains, n_frames, _ = series.shape
     ref = _reference_counts(reference)
+    score = _MDScorer(ref)
     frames = np.unique(np.geomspace(1, n_frames, n_points).astype(np.int64))
     flat = {g: np.stack([GRIDS[g].flat_index(s) for s in series]) for g in KLD_GRIDS}
     size = {g: GRIDS[g].bins ** 2 for g in KLD_GRIDS}
@@ -172,7 +183,7 @@ def md_points(
                     "method": "md_single",
                     "run": str(c),
                     "evaluations": float(t * steps_per_frame),
-                    **_md_metrics(shaped, ref),
+                    **score(shaped),
                 }
             )
         shaped = {g: pooled[g].reshape(ref[g].shape) for g in KLD_GRIDS}
@@ -181,7 +192,7 @@ def md_points(
                 "method": "md_pooled",
                 "run": "all",
                 "evaluations": float(t * steps_per_frame * n_chains),
-                **_md_metrics(shaped, ref),
+                **score(shaped),
             }
         )
     return rows
@@ -339,9 +350,7 @@ def markdown_table(table: Any) -> str:
                     "" if math.isnan(v) else (f"{v:.2e}" if c == "evaluations" else f"{v:.2f}")
                 )
             else:
-                cells.append(
-                    "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
-                )
+                cells.append("" if v is None else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -428,8 +437,15 @@ def build_speedup(
     return table
 
 
-#: methods of a points table that are baselines (drawn and compared next to a campaign)
-BASELINE_METHODS = ("md_single", "md_pooled", "metadynamics", "grid")
+#: methods of a points table that are baselines (drawn and compared next to a campaign), with
+#: their labels in plots
+BASELINE_LABELS = {
+    "md_single": "MD, one trajectory",
+    "md_pooled": "MD, all trajectories pooled",
+    "metadynamics": "metadynamics",
+    "grid": "grid conditioning",
+}
+BASELINE_METHODS = tuple(BASELINE_LABELS)
 
 
 def campaign_speedup(

@@ -147,6 +147,18 @@ def short_run(system: System, n_frames: int, stride: int, seed: int, **options) 
 KB_KJ_PER_MOL_K = 8.314462618e-3
 
 
+def particle_masses_amu(openmm_system: Any) -> np.ndarray:
+    """Masses (amu) of an OpenMM ``System``'s particles."""
+    from openmm import unit
+
+    return np.array(
+        [
+            openmm_system.getParticleMass(i).value_in_unit(unit.dalton)
+            for i in range(openmm_system.getNumParticles())
+        ]
+    )
+
+
 def hydrogen_mass_repartition(
     masses_amu: np.ndarray, bonds: np.ndarray, hydrogen_mass_amu: float
 ) -> np.ndarray:

@@ -83,16 +83,11 @@ def _build(system: Any, settings: MetadSettings) -> tuple[Any, Any]:
     import openmm as mm
     from openmm import app, unit
 
-    from .md import hydrogen_mass_repartition
+    from .md import hydrogen_mass_repartition, particle_masses_amu
 
     omm = mm.XmlSerializer.deserialize(mm.XmlSerializer.serialize(system.openmm_system))
     if settings.hydrogen_mass_amu:
-        masses = np.array(
-            [
-                omm.getParticleMass(i).value_in_unit(unit.dalton)
-                for i in range(omm.getNumParticles())
-            ]
-        )
+        masses = particle_masses_amu(omm)
         bonds = np.array([(b[0].index, b[1].index) for b in system.topology.bonds()])
         for i, m in enumerate(hydrogen_mass_repartition(masses, bonds, settings.hydrogen_mass_amu)):
             omm.setParticleMass(i, m * unit.dalton)

@@ -223,13 +223,8 @@ def _error_panel(ax: Any, df: Any, N: np.ndarray) -> None:
         ax.set_ylabel("max |ΔF| / kT")
 
 
-#: how baseline methods are drawn (method name in the points table → label, style)
-BASELINE_STYLES = {
-    "md_single": ("MD, one trajectory", "-", "0.35"),
-    "md_pooled": ("MD, all trajectories pooled", "--", "0.35"),
-    "metadynamics": ("metadynamics", "-.", "tab:brown"),
-    "grid": ("grid conditioning", ":", "tab:purple"),
-}
+#: line style and colour of each baseline, in the order of ``baselines.BASELINE_LABELS``
+_BASELINE_LINES = (("-", "0.35"), ("--", "0.35"), ("-.", "tab:brown"), (":", "tab:purple"))
 
 
 def baseline_curves(
@@ -241,15 +236,18 @@ def baseline_curves(
     that never entered the basin) is left out, not averaged over the finite runs."""
     if points is None or metric not in points.columns:
         return
-    for method, (label, ls, colour) in BASELINE_STYLES.items():
+    from .baselines import BASELINE_LABELS
+
+    for (method, label), (ls, colour) in zip(BASELINE_LABELS.items(), _BASELINE_LINES, strict=True):
         df = points[(points["method"] == method) & points[metric].notna()]
         if df.empty:
             continue
         values = df[metric].abs() if absolute else df[metric]
         g = values.groupby(df["evaluations"])
-        ok = np.isfinite(g.mean().to_numpy()) & np.isfinite(g.min().to_numpy())
-        n = g.mean().index.to_numpy(float)[ok]
-        mean, std = g.mean().to_numpy()[ok], g.std(ddof=0).to_numpy()[ok]
+        mean_all = g.mean()
+        ok = np.isfinite(mean_all.to_numpy()) & np.isfinite(g.min().to_numpy())
+        n = mean_all.index.to_numpy(float)[ok]
+        mean, std = mean_all.to_numpy()[ok], g.std(ddof=0).to_numpy()[ok]
         if not len(n):
             continue
         ax.plot(n, mean, ls=ls, color=colour, label=f"{label} ({metric})")
@@ -293,26 +291,28 @@ def speedup_curves(
     ]
     if not metrics:
         raise ValueError("the points have none of kld_std36, kld_shifted100, dF_phi_pos_err_kT")
+    from .baselines import BASELINE_METHODS, parse_target
+
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.4 * len(metrics), 4.4), squeeze=False)
     axes = axes[0]
+    shown = [
+        m
+        for m in dict.fromkeys(points["method"])
+        if m not in BASELINE_METHODS
+        and (not m.endswith("(training only)") or m == f"{campaign} (training only)")
+    ]
+    parsed = [parse_target(t) for t in targets]
     for ax, metric in zip(axes, metrics, strict=True):
         absolute = metric.startswith("dF_")
-        shown = [
-            m
-            for m in dict.fromkeys(points["method"])
-            if m not in BASELINE_STYLES
-            and (not m.endswith("(training only)") or m == f"{campaign} (training only)")
-        ]
         for i, name in enumerate(shown):
             df = points[(points["method"] == name) & np.isfinite(points[metric])]
             if not df.empty:
                 y = df[metric].abs() if absolute else df[metric]
                 ax.plot(df["evaluations"], y, "o-", color=f"C{i}", ms=4, label=name)
         baseline_curves(ax, points, metric, absolute=absolute)
-        for t in targets:
-            m, thr = t.split("<=")
-            if m.strip() == metric:
-                ax.axhline(float(thr), color="k", lw=0.6, ls=":")
+        for m, thr in parsed:
+            if m == metric:
+                ax.axhline(thr, color="k", lw=0.6, ls=":")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("energy evaluations")

@@ -92,15 +92,11 @@ def alpha_l_start(system: Any, phi: float = 1.0, psi: float = 0.6) -> tuple[np.n
 
 def export_engine(system: Any, path: str | Path) -> Path:
     """Write the torch force field, masses, bonds and start structures of ``system``."""
-    from openmm import unit
-
     from .energy.torch_backend import TorchEnergy
+    from .md import particle_masses_amu
 
     te = TorchEnergy.from_openmm(system.openmm_system, dtype=torch.float64)
-    omm = system.openmm_system
-    masses = np.array(
-        [omm.getParticleMass(i).value_in_unit(unit.dalton) for i in range(omm.getNumParticles())]
-    )
+    masses = particle_masses_amu(system.openmm_system)
     x_beta, _ = system.initial_configuration()
     x_alpha_l, _ = alpha_l_start(system)
     starts = torch.as_tensor(np.stack([x_beta, x_alpha_l]))

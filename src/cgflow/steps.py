@@ -489,25 +489,32 @@ def ensemble(st: Settings, iteration: int, labels_in: Any, out: Any) -> None:
         ens.save(tmp)
 
 
+def _write_walkers(
+    st: Settings, iteration: int, out: Any, points: Any, stop_steps: Any, attrs: dict
+) -> None:
+    n_cg = st.system.cg_spec.dim
+    write_h5(
+        out,
+        "walkers",
+        {"points": np.asarray(points).reshape(-1, n_cg), "stop_steps": np.asarray(stop_steps)},
+        {"points": "rad" if all(st.system.cg_spec.periodic) else "1", "stop_steps": "1"},
+        st.provenance(iteration),
+        attrs=attrs,
+    )
+
+
 def walkers(st: Settings, iteration: int, ensemble_in: Any, points_in: Any, out: Any) -> None:
     """CG walkers from the previous iteration's centres (first time: the minimum or walkers.start)."""
     from .free_energy import FreeEnergyEnsemble
     from .sampling import cg_walkers
 
+    if st.grid_mode:  # no walkers: nothing is added, the run ends at max_iterations
+        attrs = {"exhausted": False, "steps_used": 0, "n_walkers": 0, "grid_mode": True}
+        _write_walkers(st, iteration, out, np.zeros(0), np.zeros(0, dtype=np.int64), attrs)
+        return
     ens = FreeEnergyEnsemble.load(ensemble_in)
     p = _read_points(points_in)
     w = st["walkers"]
-    n_cg = st.system.cg_spec.dim
-    if st.grid_mode:  # no walkers: nothing is added, the run ends at max_iterations
-        write_h5(
-            out,
-            "walkers",
-            {"points": np.zeros((0, n_cg)), "stop_steps": np.zeros(0, dtype=np.int64)},
-            {"points": "rad" if all(st.system.cg_spec.periodic) else "1", "stop_steps": "1"},
-            st.provenance(iteration),
-            attrs={"exhausted": False, "steps_used": 0, "n_walkers": 0, "grid_mode": True},
-        )
-        return
     if len(p["centres"]):
         starts = torch.as_tensor(p["centres"])
     elif w.get("start") is not None:
@@ -529,18 +536,12 @@ def walkers(st: Settings, iteration: int, ensemble_in: Any, points_in: Any, out:
         beta=float(w.get("beta", 1.0)),
         seed=stage_seed(st.seed, iteration, "walkers"),
     )
-    write_h5(
-        out,
-        "walkers",
-        {"points": res.points.reshape(-1, n_cg), "stop_steps": res.stop_steps},
-        {"points": "rad" if all(st.system.cg_spec.periodic) else "1", "stop_steps": "1"},
-        st.provenance(iteration),
-        attrs={
-            "exhausted": bool(res.exhausted),
-            "steps_used": int(res.steps_used),
-            "n_walkers": w["n_walkers"],
-        },
-    )
+    attrs = {
+        "exhausted": bool(res.exhausted),
+        "steps_used": int(res.steps_used),
+        "n_walkers": w["n_walkers"],
+    }
+    _write_walkers(st, iteration, out, res.points, res.stop_steps, attrs)
 
 
 def select(st: Settings, iteration: int, walkers_in: Any, points_in: Any, out: Any) -> None:

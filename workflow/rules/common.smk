@@ -226,10 +226,11 @@ def summary_inputs(wildcards):
     return inputs
 
 
-def baselines_option(wildcards):
-    """`--baselines <csv>` of `cgflow wf summary` when the config names baseline points."""
-    path = config.get("baselines")
-    return f"--baselines {shlex.quote(str(path))}" if path else ""
+def baselines_option(wildcards, input):
+    """`--baselines <csv>` of `cgflow wf summary` when it has that input, else nothing."""
+    if "baselines" in input.keys():
+        return f"--baselines {shlex.quote(str(input.baselines))}"
+    return ""
 
 
 def summary_iterations(wildcards, input):
