@@ -285,11 +285,10 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         campaigns = {}
         for spec in args.campaign:
             name, sep, path = spec.partition("=")
-            if not sep:
-                name, path = "", spec
-            if (name or "campaign") in campaigns:
-                raise ValueError(f"--campaign: the name {name or 'campaign'!r} is given twice")
-            campaigns[name or "campaign"] = Path(path)
+            name, path = (name or "campaign", path) if sep else ("campaign", spec)
+            if name in campaigns:
+                raise ValueError(f"--campaign: the name {name!r} is given twice")
+            campaigns[name] = Path(path)
         table = build_speedup(
             args.out_dir,
             campaigns,
@@ -324,13 +323,7 @@ def _add_baseline(sub: argparse._SubParsersAction) -> None:
         ("--platform", str, "OpenMM platform (CPU, CUDA, ...)"),
         ("--threads", int, "CPU platform threads"),
     ):
-        p.add_argument(
-            flag,
-            type=typ,
-            default=None,
-            help=hlp,
-            dest=flag[2:].replace("-", "_"),
-        )
+        p.add_argument(flag, type=typ, default=None, help=hlp)  # dest keeps the case: kJ
     p = bs.add_parser("speedup", help="points of every method and the speedup table")
     p.add_argument(
         "--campaign",
