@@ -121,12 +121,14 @@ def metadynamics_points(
         steps = f["steps"][()]
         F = f["F_kT"][()]
         run = f"{Path(run_h5).stem} (seed {json.loads(f.attrs['settings'])['seed']})"
+        # the minimisation before step 0 (recorded by runs since it is counted)
+        n_min = int(f.attrs.get("minimisation_evaluations", 0))
     counts = _reference_counts(reference)
     rows = []
     for k, step in enumerate(steps):
         model = {g: interpolate_periodic(F[k], GRIDS[g].centres_phi_psi()) for g in KLD_GRIDS}
         m = aldp_metrics(model, counts)
-        rows.append({"method": method, "run": run, "evaluations": float(step), **_keep(m)})
+        rows.append({"method": method, "run": run, "evaluations": float(step + n_min), **_keep(m)})
     return rows
 
 

@@ -2,6 +2,9 @@
 
 Subcommands:
 
+* ``cgflow wf <step> ...`` — one workflow step (:mod:`cgflow.stages`); the Snakemake rules call these.
+* ``cgflow run --configfile F`` — a whole campaign in this process, same files as the workflow.
+
 * ``cgflow reference export-engine OUT`` — torch force field + masses + start structures of
   alanine dipeptide (needs OpenMM once; chunks then need torch only).
 * ``cgflow reference chunk --engine E --index k [--previous P] --out F`` — one resumable chunk
@@ -116,45 +119,14 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_wf(args: argparse.Namespace) -> int:
-    """Workflow steps: thin wrappers around :mod:`cgflow.steps`."""
-    import torch
+    """Workflow steps: parse, then call the stage function of :mod:`cgflow.stages`."""
+    import os
 
-    torch.set_num_threads(int(__import__("os").environ.get("CGFLOW_TORCH_THREADS", "1")))
-    from . import steps
+    if args.step == "check":  # needs neither torch nor the configuration
+        from .stages.select import check
 
-    if args.step == "snapshot":
-        steps.write_snapshot(json.loads(args.json), args.out)
-        return 0
-    st = steps.Settings.load(args.config)
-    k = getattr(args, "iteration", 0)
-    if args.step == "start":
-        steps.start(st, args.out)
-    elif args.step == "pretrain":
-        steps.pretrain(st, args.start, args.out)
-    elif args.step == "initial-points":
-        steps.initial_points(st, args.start, args.out)
-    elif args.step == "finetune":
-        steps.finetune(st, k, args.flow, args.points, args.out_flow, args.out_train)
-    elif args.step == "sample":
-        steps.sample(st, k, args.flow, args.points, args.shard, args.n_shards, args.out)
-    elif args.step == "energy":
-        steps.energy(st, args.samples, args.shard, args.out)
-    elif args.step == "gather":
-        steps.gather(
-            st, k, args.points, args.samples, args.energies, args.out, args.previous_labels
-        )
-    elif args.step == "ensemble":
-        steps.ensemble(st, k, args.labels, args.out)
-    elif args.step == "evaluate":
-        steps.evaluate(st, k, args.ensemble, args.points, args.out_metrics, args.out_plot)
-    elif args.step == "walkers":
-        steps.walkers(st, k, args.ensemble, args.points, args.out)
-    elif args.step == "select":
-        steps.select(st, k, args.walkers, args.points, args.out)
-    elif args.step == "check":
-        status = steps.check(
-            st,
-            k,
+        status = check(
+            args.iteration,
             args.walkers,
             args.metrics,
             args.out,
@@ -163,14 +135,76 @@ def cmd_wf(args: argparse.Namespace) -> int:
             args.stop_threshold,
         )
         print(json.dumps(status))
-    elif args.step == "backmap":
-        steps.backmap(st, args.flow, json.loads(args.points), args.structures, args.out_dir)
-    elif args.step == "speedup":
-        steps.speedup(st, args.summary, args.baselines, args.out, args.out_md)
-    elif args.step == "summary":
-        steps.summary(
-            st, args.campaign_dir, args.iterations, args.out, args.out_plot, args.baselines
-        )
+        return 0
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("CGFLOW_TORCH_THREADS", "1")))
+    from .stages import ensemble, evaluate, labels, report, select, start, train
+    from .stages.settings import Settings, write_snapshot
+
+    if args.step == "snapshot":
+        write_snapshot(json.loads(args.json), args.out)
+        return 0
+    if args.step == "speedup":
+        report.speedup(args.summary, args.baselines, args.out, args.out_md)
+        return 0
+    st = Settings.load(args.config)
+    a, k = args, getattr(args, "iteration", 0)
+    calls = {
+        "start": lambda: start.start(st, a.out),
+        "pretrain": lambda: start.pretrain(st, a.start, a.out),
+        "initial-points": lambda: start.initial_points(st, a.start, a.out),
+        "finetune": lambda: train.finetune(st, k, a.flow, a.points, a.out_flow, a.out_train),
+        "sample": lambda: labels.sample(st, k, a.flow, a.points, a.shard, a.n_shards, a.out),
+        "energy": lambda: labels.energy(st, a.samples, a.shard, a.out),
+        "gather": lambda: labels.gather(
+            st, k, a.points, a.samples, a.energies, a.out, a.previous_labels
+        ),
+        "ensemble": lambda: ensemble.ensemble(st, k, a.labels, a.out),
+        "evaluate": lambda: evaluate.evaluate(
+            st, k, a.ensemble, a.points, a.labels, a.out_metrics, a.out_plot
+        ),
+        "walkers": lambda: select.walkers(st, k, a.ensemble, a.points, a.start, a.out),
+        "select": lambda: select.select(st, k, a.walkers, a.points, a.out),
+        "backmap": lambda: report.backmap(
+            st, a.flow, json.loads(a.points), a.structures, a.out_dir
+        ),
+        "summary": lambda: report.summary(
+            st,
+            a.start,
+            a.points,
+            a.train,
+            a.energies,
+            a.metrics,
+            a.status,
+            a.out,
+            a.out_plot,
+            a.benchmarks,
+            a.baselines,
+        ),
+    }
+    calls[args.step]()
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The campaign of a config file in this process (the workflow's stages and files)."""
+    import os
+
+    import torch
+    import yaml
+
+    from .campaign import run_campaign
+
+    torch.set_num_threads(int(os.environ.get("CGFLOW_TORCH_THREADS", "1")))
+    cfg = yaml.safe_load(args.configfile.read_text()) or {}
+    for item in args.config or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--config {item!r}: use KEY=VALUE (VALUE in YAML)")
+        cfg[key] = yaml.safe_load(value)
+    root = run_campaign(cfg, args.results, log=lambda m: print(m, flush=True))
+    print(f"summary: {root / 'summary.csv'}")
     return 0
 
 
@@ -181,7 +215,7 @@ def _add_wf(sub: argparse._SubParsersAction) -> None:
 
     def step(name: str, *opts: tuple[str, dict], iteration: bool = False) -> None:
         p = ws.add_parser(name)
-        if name != "snapshot":
+        if name not in ("snapshot", "check", "speedup"):
             p.add_argument("--config", type=P, required=True, help="the campaign's config snapshot")
         if iteration:
             p.add_argument("--iteration", type=int, required=True)
@@ -225,18 +259,26 @@ def _add_wf(sub: argparse._SubParsersAction) -> None:
         "evaluate",
         ("--ensemble", req),
         ("--points", req),
+        ("--labels", req),
         ("--out-metrics", req),
         ("--out-plot", req),
         iteration=True,
     )
-    step("walkers", ("--ensemble", req), ("--points", req), ("--out", req), iteration=True)
+    step(
+        "walkers",
+        ("--ensemble", req),
+        ("--points", req),
+        ("--start", req),
+        ("--out", req),
+        iteration=True,
+    )
     step("select", ("--walkers", req), ("--points", req), ("--out", req), iteration=True)
     step(
         "check",
         ("--walkers", req),
         ("--metrics", req),
         ("--out", req),
-        ("--max-iterations", {"type": int, "default": None}),
+        ("--max-iterations", {"type": int, "required": True}),
         ("--stop-metric", {"default": None}),
         ("--stop-threshold", {"type": float, "default": None}),
         iteration=True,
@@ -248,10 +290,16 @@ def _add_wf(sub: argparse._SubParsersAction) -> None:
         ("--structures", {"type": int, "required": True, "help": "structures per point"}),
         ("--out-dir", req),
     )
+    files = {"type": P, "nargs": "*", "default": []}
     step(
         "summary",
-        ("--campaign-dir", req),
-        ("--iterations", {"type": int, "required": True}),
+        ("--start", req),
+        ("--points", {**files, "help": "points of iterations 0..n, in order"}),
+        ("--train", {**files, "help": "train.h5 of iterations 1..n"}),
+        ("--energies", {**files, "help": "every energy shard of iterations 1..n"}),
+        ("--metrics", {**files, "help": "metrics.json of iterations 1..n, in order"}),
+        ("--status", {**files, "help": "status.json of iterations 1..n, in order"}),
+        ("--benchmarks", {**files, "help": "benchmark files of the iterations' jobs"}),
         ("--out", req),
         ("--out-plot", {"type": P, "default": None, "help": "convergence curves (PNG)"}),
         ("--baselines", {"type": P, "default": None, "help": "baseline points (CSV) to draw"}),
@@ -373,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chunk_options(p)
     ref.set_defaults(func=cmd_reference)
     _add_wf(sub)
+    p = sub.add_parser("run", help="run or resume a campaign in this process (no Snakemake)")
+    p.add_argument("--configfile", type=Path, required=True, help="campaign config (YAML)")
+    p.add_argument("--config", action="append", help="KEY=VALUE override (VALUE in YAML; repeat)")
+    p.add_argument("--results", type=Path, default=Path("results"), help="results folder")
+    p.set_defaults(func=cmd_run)
     _add_baseline(sub)
     return parser
 

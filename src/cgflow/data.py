@@ -38,12 +38,12 @@ from . import __version__
 
 #: file kinds and the format version this release writes and reads
 KINDS: dict[str, int] = {
-    "start": 1,  # starting frames of a campaign (short MD / Metropolis chain)
+    "start": 2,  # starting frames of a campaign and the energy minimum
     "md": 1,  # MD trajectories (frames, CG values)
     "points": 1,  # CG points with train/test split
     "samples": 1,  # flow draws x_FG and log q at CG points
     "energies": 1,  # reduced energies + validity flags of a shard
-    "labels": 1,  # free-energy labels F(s) in kT, ESS, draws per point
+    "labels": 2,  # free-energy labels F(s) in kT, ESS, held-out flag, draws per point
     "walkers": 1,  # CG walker end points, steps used, exhausted flag
     "train": 1,  # training history: losses, counters
     "reference": 1,  # ground-truth histograms

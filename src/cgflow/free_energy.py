@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-__all__ = ["FreeEnergyEnsemble", "LabelResult", "pmf_labels"]
+__all__ = ["FreeEnergyEnsemble", "LabelResult", "cap_labels", "fit_ensemble", "pmf_labels"]
 
 
 # ------------------------------------------------------------------------------------------ labels
@@ -467,3 +467,39 @@ class _VectorAdam:
             c2 = bc2.to(p.dtype).view(shape)
             update = self.lr * (m / c1) / ((v / c2).sqrt() + self.eps)
             p.sub_(torch.where(okb, update, torch.zeros_like(p)))
+
+
+# ------------------------------------------------------------------------------ fitting a campaign
+def cap_labels(f_kT: torch.Tensor, cap_kT: float | None) -> torch.Tensor:
+    """Labels above ``min + cap_kT`` set to ``min + cap_kT`` (unchanged with ``cap_kT=None``)."""
+    if cap_kT is None or f_kT.numel() == 0:
+        return f_kT
+    if not cap_kT > 0:
+        raise ValueError(f"label_cap_kT must be > 0, got {cap_kT}")
+    return torch.minimum(f_kT, f_kT.min() + cap_kT)
+
+
+def fit_ensemble(
+    settings: dict[str, Any], periodic: list[bool], s: torch.Tensor, f_kT: torch.Tensor, seed: int
+) -> FreeEnergyEnsemble:
+    """A new ensemble fitted to labels ``f_kT`` at CG points ``s``; ``settings`` is the schema's
+    ``ensemble`` section (every key given)."""
+    e = settings
+    ensemble = FreeEnergyEnsemble(
+        e["n_members"],
+        periodic,
+        hidden=tuple(e["hidden"]),
+        activation=e["activation"],
+        init=e["init"],
+    )
+    ensemble.fit(
+        s,
+        cap_labels(torch.as_tensor(f_kT), e["label_cap_kT"]),
+        epochs=e["epochs"],
+        lr=e["lr"],
+        batch_size=e["batch_size"],
+        split=e["split"],
+        train_fraction=e["train_fraction"],
+        seed=seed,
+    )
+    return ensemble

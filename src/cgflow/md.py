@@ -1,7 +1,8 @@
 """Short MD for starting data: OpenMM Langevin for molecules, Metropolis for analytic systems.
 
-Every integration step, Metropolis proposal and minimisation evaluation is one potential-energy
-evaluation and is counted (:class:`MDResult.counts`, kinds ``start_md`` and ``minimisation``).
+Counted by the rules of :mod:`cgflow.energy.counting`: one evaluation per integration step or
+Metropolis proposal and chain (:class:`MDResult.counts`, kinds ``start_md`` and
+``minimisation``; the minimisation only when no ``x0`` is given).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .energy.counting import dynamics_evaluations
 from .systems import AnalyticSystem, MolecularSystem, System
 
 
@@ -76,7 +78,7 @@ def langevin_md(
         integrator.step(stride)
         state = context.getState(getPositions=True)
         frames[i] = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
-    counts["start_md"] = equilibration_steps + n_frames * stride
+    counts["start_md"] = dynamics_evaluations(equilibration_steps + n_frames * stride)
     del context, integrator
     return MDResult(frames=frames, stride=stride, counts=counts)
 
@@ -107,14 +109,12 @@ def metropolis(
         x0, counts["minimisation"] = system.initial_configuration()
     x = torch.as_tensor(np.asarray(x0, dtype=np.float64)).expand(n_chains, -1).clone()
     u = system.reduced_energy(x).detach()
-    n_evals = n_chains
     accepted = 0
     frames = []
     total = equilibration_steps + n_frames * stride
     for step in range(1, total + 1):
         prop = x + step_size * torch.randn(x.shape, generator=gen, dtype=x.dtype)
         u_new = system.reduced_energy(prop).detach()
-        n_evals += n_chains
         log_r = torch.rand(n_chains, generator=gen, dtype=x.dtype).log()
         accept = torch.isfinite(u_new) & (log_r < (u - u_new))
         x = torch.where(accept[:, None], prop, x)
@@ -123,7 +123,7 @@ def metropolis(
             accepted += int(accept.sum())
             if (step - equilibration_steps) % stride == 0:
                 frames.append(x.numpy().copy())
-    counts["start_md"] = n_evals
+    counts["start_md"] = dynamics_evaluations(total, n_chains, start_evaluations=n_chains)
     out = np.stack(frames, axis=1).reshape(n_chains * n_frames, -1)
     return MDResult(
         frames=out,

@@ -196,7 +196,9 @@ def _load(
                 f"{path}: was run for system {f.attrs.get('system')!r} at kT "
                 f"{f.attrs.get('kT_kJ_per_mol')} kJ/mol, not {system_name!r} at {kT}"
             )
-        return {k: f[k][()] for k in f.keys()}
+        out = {k: f[k][()] for k in f.keys()}
+        out["minimisation_evaluations"] = np.int64(f.attrs.get("minimisation_evaluations", 0))
+        return out
 
 
 def run_metadynamics(
@@ -231,9 +233,10 @@ def run_metadynamics(
         sim.currentStep = step
         _restore_bias(meta, sim, saved["bias_kJ"])
         steps, F, cv = list(saved["steps"]), list(saved["F_kT"]), list(saved["cv_rad"])
+        n_min = int(saved.get("minimisation_evaluations", 0))
         log(f"resumed {out} at step {step}")
     else:
-        x, _ = system.initial_configuration()  # its ~400 evaluations are not counted
+        x, n_min = system.initial_configuration()  # counted with the run (file attribute)
         sim.context.setPositions(x)
         sim.context.setVelocitiesToTemperature(system.temperature_K * unit.kelvin, settings.seed)
         steps, F, cv, step = [], [], [], 0
@@ -269,7 +272,12 @@ def run_metadynamics(
                     "nm/ps",
                 ),
             },
-            {"system": system.name, "kT_kJ_per_mol": kT, "evaluations_per_step": 1},
+            {
+                "system": system.name,
+                "kT_kJ_per_mol": kT,
+                "evaluations_per_step": 1,
+                "minimisation_evaluations": n_min,
+            },
         )
         rate = (step - step0) / max(time.perf_counter() - t0, 1e-9)
         log(f"step {step}: {rate:.0f} steps/s since start of this call")

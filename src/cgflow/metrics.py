@@ -278,8 +278,8 @@ def aldp_evaluation(predict: Callable[[Any], Any], reference: Any) -> dict[str, 
     return aldp_metrics(model, counts, floors, ladders)
 
 
-# ---------------------------------------------------------------------------- Müller–Brown
-def mueller_brown_metrics(
+# ------------------------------------------------------------------ systems with an exact PMF
+def exact_pmf_metrics(
     F_model_kT: np.ndarray, F_exact_kT: np.ndarray, std_kT: np.ndarray, max_F_kT: float = 10.0
 ) -> dict[str, float]:
     """Model vs exact PMF at bin centres: max |ΔF| where the exact F <= ``max_F_kT`` (model

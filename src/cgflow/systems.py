@@ -252,6 +252,35 @@ class AnalyticSystem(System):
         best = min(results, key=lambda r: r.energy)
         return best.x, sum(r.n_evaluations for r in results)
 
+    def quadrature_pmf(
+        self, s: np.ndarray, fg_ranges: Sequence[Sequence[float]], n_points: int
+    ) -> np.ndarray:
+        """Exact PMF ``F(s)`` in kT (min 0) at CG points ``s [P, n_cg]``: ``−log ∫ p̃(z) dz_FG``
+        on a regular grid of ``n_points`` per fine-grained coordinate over ``fg_ranges``
+        (``[low, high]`` each; one or two fine-grained coordinates)."""
+        fg = list(self.fg_indices)
+        if len(fg) not in (1, 2):
+            raise ValueError(
+                f"analytic system {self.name!r}: quadrature needs 1 or 2 fine-grained "
+                f"coordinates, it has {len(fg)}; give evaluation.reference_csv instead"
+            )
+        if len(fg_ranges) != len(fg) or any(len(r) != 2 or r[0] >= r[1] for r in fg_ranges):
+            raise ValueError(
+                f"evaluation.fg_range must give [low, high] with low < high for each of the "
+                f"{len(fg)} fine-grained coordinates; got {fg_ranges}"
+            )
+        axes = [torch.linspace(lo, hi, int(n_points), dtype=torch.float64) for lo, hi in fg_ranges]
+        fg_grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(fg))
+        pts = np.asarray(s, dtype=np.float64).reshape(len(s), -1)
+        z = torch.zeros(len(fg_grid), self.n_internal, dtype=torch.float64)
+        z[:, fg] = fg_grid
+        out = np.empty(len(pts))
+        with torch.no_grad():
+            for k, si in enumerate(pts):
+                z[:, list(self.cg_indices)] = torch.as_tensor(si)
+                out[k] = -float(torch.logsumexp(self.log_target(z), dim=0))
+        return out - out.min()
+
 
 # Müller–Brown parameters (method-spec §1.5)
 MB_A = (-200.0, -100.0, -170.0, 15.0)

@@ -6,15 +6,17 @@ and forces with any backend (an autograd function feeds the forces back), and mi
 robust per-sample loss ``log q(x_FG|s) − log p̃(x)`` (the k largest and the non-finite losses of
 each batch are dropped and counted), with gradient-norm clipping and a linear warm-up.
 
-Counting (``EvaluationCounter``): ``training`` = energy evaluations actually made (after the
-filter), ``training_draws`` = draws before the filter, ``diagnostics`` = test-loss evaluations,
-``labels`` = evaluations for PMF labels.
+Counting: every backend passes through :func:`cgflow.energy.counting.counted`, so each energy
+evaluation is counted (``training`` after the chirality filter, ``labels`` for PMF labels);
+``training_draws`` records the draws before the filter (not part of N).
+
+The settings dataclasses have no defaults: the campaign's schema (``cgflow/config.schema.yaml``)
+is the one source of them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from .energy.base import EnergyBackend
-from .energy.counting import EvaluationCounter
+from .energy.counting import EvaluationCounter, counted
 from .flows import assemble
 from .systems import System
 
@@ -110,10 +112,12 @@ def robust_mean(losses: torch.Tensor, skip_top_k: int) -> tuple[torch.Tensor, in
 # --------------------------------------------------------------------------------- by example
 @dataclass
 class ExampleConfig:
-    epochs: int = 50
-    lr: float = 1e-4
-    batch_size: int = 256
-    seed: int = 0
+    """Training by example (schema section ``example``) and its seed."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    seed: int
 
 
 def train_by_example(
@@ -149,27 +153,22 @@ def train_by_example(
 # ---------------------------------------------------------------------------------- by energy
 @dataclass
 class EnergyConfig:
-    """Reverse-KL training (defaults: the original ALDP settings, flaws fixed)."""
+    """Reverse-KL training (schema ``energy_training.first`` / ``.later``) and its seed."""
 
-    epochs: int = 50
-    lr: float = 1e-5
-    batch_size: int = 64  #: rows per step; each row is one draw at one CG point
-    rows_per_point: int = 30  #: rows per CG point per epoch
-    old_fraction: float = 0.3  #: old-point rows per epoch, as a fraction of the new-point rows
-    warmup_epochs: int = 11  #: linear ramp (e+1)/W of the lr in each call
-    clip_early: float = 100.0
-    clip_late: float = 1000.0
-    clip_switch_epoch: int = 11
-    skip_top_k: int = 5
-    seed: int = 0
-    schedule: str = "constant"  #: after warm-up: "constant" or "cosine" (to 0 at schedule_epochs)
-    schedule_epochs: int = 0  #: length of the cosine schedule (global epochs)
-    epoch_offset: int = 0  #: global epoch of this call's first epoch (schedules span calls)
-    energy_cut_kT: float | None = None  #: soft cut of reduced energies in the loss (None = off)
+    epochs: int
+    lr: float
+    batch_size: int  #: rows per step; each row is one draw at one CG point
+    rows_per_point: int  #: rows per CG point per epoch
+    old_fraction: float  #: old-point rows per epoch, as a fraction of the new-point rows
+    warmup_epochs: int  #: linear ramp (e+1)/W of the lr in each call
+    clip_early: float
+    clip_late: float
+    clip_switch_epoch: int
+    skip_top_k: int
+    energy_cut_kT: float | None  #: soft cut of reduced energies in the loss (None = off)
+    seed: int
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"unknown lr schedule {self.schedule!r}; use 'constant' or 'cosine'")
         if self.epochs < 0 or self.batch_size < 1 or self.rows_per_point < 1:
             raise ValueError("epochs must be >= 0, batch_size and rows_per_point >= 1")
 
@@ -177,20 +176,14 @@ class EnergyConfig:
         return asdict(self)
 
     def lr_factor(self, epoch: int) -> float:
-        """Learning-rate factor of global ``epoch`` (0-based): linear warm-up, then the schedule."""
+        """Learning-rate factor of ``epoch`` (0-based): linear warm-up, then constant."""
         w = self.warmup_epochs
-        if w and epoch < w:
-            return (epoch + 1) / w
-        if self.schedule == "cosine":
-            span = max(self.schedule_epochs - w, 1)
-            return 0.5 * (1 + math.cos(math.pi * min(epoch - w, span) / span))
-        return 1.0
+        return (epoch + 1) / w if w and epoch < w else 1.0
 
 
 @dataclass
 class EnergyHistory:
     loss: list[float] = field(default_factory=list)
-    test_loss: list[float] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
     rejected_draws: list[int] = field(default_factory=list)
     skipped_batches: list[int] = field(default_factory=list)
@@ -211,17 +204,16 @@ def reverse_kl_losses(
     backend: EnergyBackend,
     s: torch.Tensor,
     counter: EvaluationCounter,
-    kind: str = "training",
     generator: torch.Generator | None = None,
     energy_cut_kT: float | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Per-row losses ``log q − log p̃`` (NaN for rejected draws); energy calls are counted."""
+    """Per-row losses ``log q − log p̃`` (NaN for rejected draws); energies counted as
+    ``training``, draws before the filter as ``training_draws``."""
+    backend = counted(backend, counter, "training")
     d = draw(flow, system, s, generator)
     losses = torch.full_like(d.log_q, float("nan"))
     n_kept = int(d.kept.sum())
-    if kind == "training":
-        counter.add("training_draws", s.shape[0])
-    counter.add(kind, n_kept)
+    counter.add("training_draws", s.shape[0])
     if n_kept:
         log_p = log_target_from_internal(system, d.z[d.kept], backend, energy_cut_kT)
         losses = losses.index_put((d.kept,), d.log_q[d.kept] - log_p.to(d.log_q.dtype))
@@ -236,15 +228,12 @@ def train_by_energy(
     config: EnergyConfig,
     counter: EvaluationCounter,
     old_points: torch.Tensor | None = None,
-    test_points: torch.Tensor | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> EnergyHistory:
     """Reverse-KL epochs on ``new_points`` plus a fraction of ``old_points`` per epoch.
 
     Every epoch draws ``rows_per_point`` rows per new point and ``old_fraction`` times as many
     rows from the old points; batches whose robust loss is non-finite are skipped (counted).
-    With ``test_points``, a diagnostic test loss (one row per point, counted as
-    ``diagnostics``) is recorded after each epoch.
     """
     dtype = next(flow.parameters()).dtype
     new_points = torch.as_tensor(new_points, dtype=dtype)
@@ -256,8 +245,7 @@ def train_by_energy(
     hist = EnergyHistory()
     n_new = new_points.shape[0] * config.rows_per_point
     n_old = min(int(config.old_fraction * n_new), old_points.shape[0] * config.rows_per_point)
-    for local in range(config.epochs):
-        epoch = config.epoch_offset + local
+    for epoch in range(config.epochs):
         factor = config.lr_factor(epoch)
         for group in opt.param_groups:
             group["lr"] = config.lr * factor
@@ -293,22 +281,60 @@ def train_by_energy(
         hist.rejected_draws.append(rejected)
         hist.skipped_batches.append(skipped)
         hist.lr.append(config.lr * factor)
-        if test_points is not None and len(test_points):
-            with torch.no_grad():
-                tl, _ = reverse_kl_losses(
-                    flow,
-                    system,
-                    backend,
-                    torch.as_tensor(test_points, dtype=dtype),
-                    counter,
-                    kind="diagnostics",
-                    generator=gen,
-                )
-            hist.test_loss.append(float(robust_mean(tl, 0)[0]))
     return hist
 
 
 # ------------------------------------------------------------------------------ label draws
+def label_draws(
+    flow: torch.nn.Module,
+    system: System,
+    points: torch.Tensor,
+    draws: int,
+    generator: torch.Generator,
+    chunk: int = 4096,
+) -> Draws:
+    """``draws`` flow draws per point (rows point-major), without gradients; ``z`` and
+    ``log_q`` in float64 (the sample stage's content)."""
+    dtype = next(flow.parameters()).dtype
+    s = torch.as_tensor(points, dtype=dtype).repeat_interleave(draws, dim=0)
+    z, log_q, kept = [], [], []
+    with torch.no_grad():
+        for start in range(0, len(s), chunk):
+            d = draw(flow, system, s[start : start + chunk], generator)
+            z.append(d.z.to(torch.float64))
+            log_q.append(d.log_q.to(torch.float64))
+            kept.append(d.kept)
+    if not z:
+        empty = torch.zeros(0, dtype=torch.float64)
+        return Draws(s, torch.zeros(0, system.n_internal, dtype=torch.float64), empty, empty.bool())
+    return Draws(s, torch.cat(z), torch.cat(log_q), torch.cat(kept))
+
+
+def label_log_target(
+    system: System, z: torch.Tensor, kept: torch.Tensor, backend: EnergyBackend
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p̃, u_kT)`` of the kept draws ``z`` (NaN elsewhere), exact energies from
+    ``backend`` (counted as ``labels``) — the energy stage's content."""
+    log_p = torch.full((len(z),), float("nan"), dtype=torch.float64)
+    u_kT = torch.full((len(z),), float("nan"), dtype=torch.float64)
+    if int(kept.sum()):
+        x, log_det = system.to_cartesian(z[kept])
+        u = backend.energies(x)
+        u = u.detach().cpu() if hasattr(u, "detach") else np.asarray(u)
+        u = torch.as_tensor(np.asarray(u), dtype=torch.float64)
+        u_kT[kept] = system.beta * u
+        log_p[kept] = -system.beta * u + log_det.to(torch.float64)
+    return log_p, u_kT
+
+
+def log_weights(log_p: torch.Tensor, log_q: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Importance log-weights ``log p̃ − log q``; rejected or non-finite draws get ``−inf``."""
+    lw = torch.as_tensor(log_p) - torch.as_tensor(log_q)
+    return torch.where(
+        torch.as_tensor(kept) & torch.isfinite(lw), lw, torch.full_like(lw, -math.inf)
+    )
+
+
 def label_log_weights(
     flow: torch.nn.Module,
     system: System,
@@ -317,30 +343,12 @@ def label_log_weights(
     draws: int,
     counter: EvaluationCounter,
     seed: int = 0,
-    chunk: int = 4096,
 ) -> torch.Tensor:
-    """``log w = log p̃ − log q`` ``[P, draws]`` for PMF labels; rejected draws are ``−inf``.
-
-    A fixed number of draws per point; draws failing the chirality filter or with non-finite
-    energies get weight 0 (counted as ``labels`` only when evaluated).
-    """
-    dtype = next(flow.parameters()).dtype
-    points = torch.as_tensor(points, dtype=dtype)
-    s = points.repeat_interleave(draws, dim=0)
-    gen = torch.Generator().manual_seed(seed)
-    out = torch.full((s.shape[0],), -math.inf, dtype=torch.float64)
-    with torch.no_grad():
-        for start in range(0, s.shape[0], chunk):
-            d = draw(flow, system, s[start : start + chunk], gen)
-            n_kept = int(d.kept.sum())
-            counter.add("labels", n_kept)
-            if n_kept:
-                lp = log_target_from_internal(system, d.z[d.kept], backend).to(torch.float64)
-                lw = lp - d.log_q[d.kept].to(torch.float64)
-                lw = torch.where(torch.isfinite(lw), lw, torch.full_like(lw, -math.inf))
-                idx = torch.nonzero(d.kept).flatten() + start
-                out[idx] = lw
-    return out.reshape(points.shape[0], draws)
+    """``log w`` ``[P, draws]`` for PMF labels in one process: the sample and energy stages'
+    functions (:func:`label_draws`, :func:`label_log_target`, :func:`log_weights`) in a row."""
+    d = label_draws(flow, system, points, draws, torch.Generator().manual_seed(seed))
+    log_p, _ = label_log_target(system, d.z, d.kept, counted(backend, counter, "labels"))
+    return log_weights(log_p, d.log_q, d.kept).reshape(-1, draws)
 
 
 def cg_values(
@@ -351,7 +359,3 @@ def cg_values(
     cg = list(system.cg_indices)
     fg = list(system.fg_indices)
     return z[:, cg], z[:, fg]
-
-
-def select_rows(points: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
-    return points[torch.as_tensor(list(indices), dtype=torch.long)]

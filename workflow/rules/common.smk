@@ -1,20 +1,34 @@
-"""Configuration, path and iteration helpers, and the convergence walk.
-
-Only functions live here (no rules). The iteration rules depend on iteration k-1 through plain
-path functions and never touch a checkpoint; only the final aggregator (rule summary) and the
-backmap of the final flow walk the per-iteration checkpoints `check` (see `last_iteration`).
+"""Paths, input functions and the convergence walk; no rules here.
+The iteration rules depend on iteration k-1 through plain path functions and never touch a
+checkpoint; only the final aggregator (rule summary) and the backmap of the final flow walk the
+per-iteration checkpoints `check` (see `last_iteration`). Domain facts (which systems have an
+all-atom topology, which points get relabelled, what the config snapshot holds) come from
+src/cgflow/config.py, loaded by file path: it needs only the standard library, so this process
+never imports torch (and cgflow need not be installed here under --sdm conda).
 """
 
+import importlib.util
 import json
 import re
 import shlex
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-# Fails before any job is planned, naming a wrong key or value; fills in the schema defaults.
-validate(config, "../schemas/config.schema.yaml")
 
+def _load_cgflow_config():
+    path = Path(workflow.basedir) / "src" / "cgflow" / "config.py"
+    spec = importlib.util.spec_from_file_location("cgflow_config", path)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+cgconfig = _load_cgflow_config()
+
+# Fails before any job is planned, naming a wrong key or value; fills in the schema defaults.
+validate(config, str(cgconfig.SCHEMA_PATH))
 SHARDS = list(range(config["energy"]["shards"]))
 
 
@@ -30,12 +44,12 @@ wildcard_constraints:
 # ---------------------------------------------------------------------------------- paths
 def campaign_dir(campaign):
     """results/<campaign>"""
-    return f"results/{campaign}"
+    return cgconfig.campaign_dir("results", campaign)
 
 
 def iteration_file(campaign, k, name):
     """results/<campaign>/iter_<kkk>/<name>"""
-    return f"{campaign_dir(campaign)}/iter_{k:03d}/{name}"
+    return cgconfig.iteration_file(campaign_dir(campaign), k, name)
 
 
 def summary_outputs(campaign):
@@ -81,36 +95,19 @@ def config_snapshot(wildcards):
     return f"{campaign_dir(wildcards.campaign)}/config.yaml"
 
 
-# Keys that only decide when to stop: passed to the checkpoint `check` as params instead of
-# living in the snapshot, so raising max_iterations (or changing the stop rule) extends a
-# campaign instead of rerunning it from the start.
-STOP_KEYS = ("max_iterations", "stop")
-# Keys that only shape outputs after the campaign (passed to rules backmap and summary as
-# params or inputs), so changing them never reruns the campaign.
-POST_KEYS = ("backmap", "baselines")
-
-
 def config_json(wildcards):
-    """The validated config (defaults filled in, stop and post-campaign keys left out) as
+    """The config snapshot's content (validated, without stop and post-campaign keys) as
     JSON, for rule config_snapshot."""
-    left_out = STOP_KEYS + POST_KEYS
-    return json.dumps(
-        {k: v for k, v in config.items() if k not in left_out}, sort_keys=True
-    )
+    return json.dumps(cgconfig.snapshot(config), sort_keys=True)
 
 
 def stop_options(wildcards):
     """CLI flags of `cgflow wf check`: the iteration limit and the optional metric rule."""
-    opts = f"--max-iterations {config['max_iterations']}"
-    stop = config.get("stop") or {}
-    if stop.get("metric"):
-        opts += f" --stop-metric {stop['metric']} --stop-threshold {stop['threshold']}"
+    stop = cgconfig.stop_settings(config)
+    opts = f"--max-iterations {stop['max_iterations']}"
+    if stop["stop_metric"]:
+        opts += f" --stop-metric {stop['stop_metric']} --stop-threshold {stop['stop_threshold']}"
     return opts
-
-
-def campaign_folder(wildcards):
-    """results/<campaign>, for `cgflow wf summary --campaign-dir`."""
-    return campaign_dir(wildcards.campaign)
 
 
 # ----------------------------------------------------------------------------- iterations
@@ -156,7 +153,8 @@ def n_shards(wildcards):
 
 def gather_inputs(wildcards):
     """Inputs of gather: previous points, all sample and energy shards, and the previous
-    iteration's labels when labels are not recomputed for all points (k >= 2)."""
+    iteration's labels when labels are carried over (cgflow.config.needs_previous_labels).
+    """
     k = iteration(wildcards)
     inputs = {
         "cfg": config_snapshot(wildcards),
@@ -164,7 +162,7 @@ def gather_inputs(wildcards):
         "samples": shard_files("samples")(wildcards),
         "energies": shard_files("energies")(wildcards),
     }
-    if not config["labels"]["relabel_all"] and k >= 2:
+    if cgconfig.needs_previous_labels(config, k):
         inputs["previous_labels"] = iteration_file(
             wildcards.campaign, k - 1, "labels.h5"
         )
@@ -206,20 +204,32 @@ def last_iteration(campaign):
 
 
 def summary_inputs(wildcards):
-    """Per-iteration inputs of the aggregator, for iterations 1..N found by the walk (the
-    iter_000 files and the config are plain inputs of rule summary)."""
+    """Every file the aggregator reads, for iterations 1..N found by the walk: points (0..N),
+    train, every energy shard, metrics, status and every job's benchmark file. The summary
+    reads nothing else (a stale shard of an earlier run in the same folder is not counted).
+    """
     campaign = wildcards.campaign
-    its = range(1, last_iteration(campaign) + 1)
-    names = {
-        "status": "status.json",
-        "metrics": "metrics.json",
-        "train": "train.h5",
-        "labels": "labels.h5",
-        "points": "points.h5",
-    }
+    n = last_iteration(campaign)
+    its = range(1, n + 1)
+    root = campaign_dir(campaign)
+
+    def each(name, ks=its):
+        return [iteration_file(campaign, k, name) for k in ks]
+
     inputs = {
-        key: [iteration_file(campaign, k, name) for k in its]
-        for key, name in names.items()
+        "start": iteration_file(campaign, 0, "start.h5"),
+        "points": each("points.h5", range(n + 1)),
+        "train": each("train.h5"),
+        "energies": [
+            cgconfig.shard_file(root, k, "energies", j) for k in its for j in SHARDS
+        ],
+        "metrics": each("metrics.json"),
+        "status": each("status.json"),
+        "benchmarks": [
+            b
+            for k in range(n + 1)
+            for b in cgconfig.iteration_benchmarks(root, k, len(SHARDS))
+        ],
     }
     if config.get("baselines"):
         inputs["baselines"] = config["baselines"]
@@ -233,26 +243,13 @@ def baselines_option(wildcards, input):
     return ""
 
 
-def summary_iterations(wildcards, input):
-    """N, the last iteration found by the walk (= number of status files in the input).
-
-    While the walk waits for a checkpoint, the input is only that checkpoint's placeholder;
-    the job is rebuilt (and this re-evaluated) after the checkpoint has run.
-    """
-    if "status" not in input.keys():
-        return "<TBD>"
-    return len(input.status)
-
-
 # ---------------------------------------------------------------------------- backmapping
-# Systems with an all-atom topology (the only ones whose structures can be written).
-TOPOLOGY_SYSTEMS = ("alanine_dipeptide",)
 BACKMAP_POINTS = list(config["backmap"]["points"])
 
 
 def backmap_wanted():
     """Backmap the final flow? Only for a system with a topology and at least one point."""
-    return config["system"]["name"] in TOPOLOGY_SYSTEMS and bool(BACKMAP_POINTS)
+    return cgconfig.has_topology(config) and bool(BACKMAP_POINTS)
 
 
 def backmap_outputs(campaign):

@@ -28,6 +28,7 @@ rule evaluate:
         cfg=config_snapshot,
         ensemble="results/{campaign}/iter_{iteration}/ensemble.pt",
         points=previous("points.h5"),
+        labels="results/{campaign}/iter_{iteration}/labels.h5",
     output:
         metrics="results/{campaign}/iter_{iteration}/metrics.json",
         plot=report(
@@ -46,5 +47,5 @@ rule evaluate:
         k=iteration,
     shell:
         "cgflow wf evaluate --config {input.cfg} --iteration {params.k}"
-        " --ensemble {input.ensemble} --points {input.points}"
+        " --ensemble {input.ensemble} --points {input.points} --labels {input.labels}"
         " --out-metrics {output.metrics} --out-plot {output.plot} > {log} 2>&1"

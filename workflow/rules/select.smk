@@ -8,6 +8,7 @@ rule walkers:
         cfg=config_snapshot,
         ensemble="results/{campaign}/iter_{iteration}/ensemble.pt",
         points=previous("points.h5"),
+        start="results/{campaign}/iter_000/start.h5",
     output:
         "results/{campaign}/iter_{iteration}/walkers.h5",
     log:
@@ -20,7 +21,8 @@ rule walkers:
         k=iteration,
     shell:
         "cgflow wf walkers --config {input.cfg} --iteration {params.k}"
-        " --ensemble {input.ensemble} --points {input.points} --out {output}"
+        " --ensemble {input.ensemble} --points {input.points} --start {input.start}"
+        " --out {output}"
         " > {log} 2>&1"
 
 
@@ -47,7 +49,6 @@ rule select:
 
 checkpoint check:
     input:
-        cfg=config_snapshot,
         walkers="results/{campaign}/iter_{iteration}/walkers.h5",
         metrics="results/{campaign}/iter_{iteration}/metrics.json",
     output:
@@ -62,6 +63,6 @@ checkpoint check:
         k=iteration,
         stop=stop_options,
     shell:
-        "cgflow wf check --config {input.cfg} --iteration {params.k} {params.stop}"
+        "cgflow wf check --iteration {params.k} {params.stop}"
         " --walkers {input.walkers} --metrics {input.metrics} --out {output.status}"
         " > {log} 2>&1"

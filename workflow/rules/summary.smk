@@ -23,9 +23,6 @@ rule summary:
     input:
         unpack(summary_inputs),
         cfg=config_snapshot,
-        start="results/{campaign}/iter_000/start.h5",
-        flow0="results/{campaign}/iter_000/flow.pt",
-        points0="results/{campaign}/iter_000/points.h5",
     output:
         table=report(
             "results/{campaign}/summary.csv",
@@ -46,18 +43,17 @@ rule summary:
     conda:
         "../../envs/cgflow.yaml"
     params:
-        campaign_dir=campaign_folder,
-        n=summary_iterations,
         baselines=baselines_option,
     shell:
-        "cgflow wf summary --config {input.cfg} --campaign-dir {params.campaign_dir}"
-        " --iterations {params.n} --out {output.table} --out-plot {output.plot}"
+        "cgflow wf summary --config {input.cfg} --start {input.start}"
+        " --points {input.points} --train {input.train} --energies {input.energies}"
+        " --metrics {input.metrics} --status {input.status}"
+        " --benchmarks {input.benchmarks} --out {output.table} --out-plot {output.plot}"
         " {params.baselines} > {log} 2>&1"
 
 
 rule speedup:
     input:
-        cfg=config_snapshot,
         summary="results/{campaign}/summary.csv",
         baselines=baselines_file,
     output:
@@ -75,7 +71,7 @@ rule speedup:
     conda:
         "../../envs/cgflow.yaml"
     shell:
-        "cgflow wf speedup --config {input.cfg} --summary {input.summary}"
+        "cgflow wf speedup --summary {input.summary}"
         " --baselines {input.baselines} --out {output.table} --out-md {output.md}"
         " > {log} 2>&1"
 

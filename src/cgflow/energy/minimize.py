@@ -2,7 +2,8 @@
 
 OpenMM's ``LocalEnergyMinimizer`` does not report how many energy evaluations it made, and the
 counting rule of a campaign needs that number, so minimisation runs scipy's L-BFGS-B on the
-backend's ``energies_and_forces`` and returns the exact count.
+backend's ``energies_and_forces`` through :class:`~cgflow.energy.counting.CountingBackend` and
+returns the exact count.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from .base import EnergyBackend
+from .counting import CountingBackend, EvaluationCounter
 
 
 @dataclass(frozen=True)
@@ -33,12 +35,11 @@ def minimize_energy(
     """
     x0 = np.asarray(x0, dtype=np.float64)
     shape = x0.shape
-    count = 0
+    counter = EvaluationCounter()
+    counted = CountingBackend(backend, counter, "minimisation")
 
     def fun(flat: np.ndarray) -> tuple[float, np.ndarray]:
-        nonlocal count
-        count += 1
-        u, f = backend.energies_and_forces(flat.reshape(1, *shape))
+        u, f = counted.energies_and_forces(flat.reshape(1, *shape))
         u = np.asarray(u.detach().cpu() if hasattr(u, "detach") else u, dtype=np.float64)
         f = np.asarray(f.detach().cpu() if hasattr(f, "detach") else f, dtype=np.float64)
         if not np.isfinite(u[0]):
@@ -55,6 +56,6 @@ def minimize_energy(
     return MinimisationResult(
         x=res.x.reshape(shape),
         energy=float(res.fun),
-        n_evaluations=count,
+        n_evaluations=counter["minimisation"],
         converged=bool(res.success),
     )

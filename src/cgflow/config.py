@@ -1,0 +1,133 @@
+"""Campaign configuration: the schema (the one source of defaults), validation, the snapshot,
+the file layout of a campaign and the domain facts the workflow's DAG needs.
+
+This module imports nothing but the standard library (and Snakemake's validator, lazily): the
+Snakefile loads it by file path, so the Snakemake process never imports torch and works under
+``--sdm conda``, where cgflow is installed only in the rules' environment.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+#: the JSON schema of a campaign's configuration, with every default
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+
+#: keys that only decide when to stop: kept out of the snapshot (passed to `check` instead),
+#: so raising max_iterations or changing the stop rule extends a campaign instead of rerunning it
+STOP_KEYS = ("max_iterations", "stop")
+#: keys that only shape outputs after the campaign (summary plot, backmap): kept out of the
+#: snapshot, so changing them never reruns the campaign
+POST_KEYS = ("backmap", "baselines")
+
+#: systems with an all-atom topology (the only ones whose structures can be backmapped)
+TOPOLOGY_SYSTEMS = ("alanine_dipeptide",)
+
+
+def validated(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``cfg`` checked against :data:`SCHEMA_PATH` with every default filled in.
+
+    Raises ``ValueError`` naming the offending key or value.
+    """
+    from snakemake.utils import validate
+
+    from snakemake.exceptions import WorkflowError
+
+    out = copy.deepcopy(dict(cfg))
+    try:
+        validate(out, str(SCHEMA_PATH))
+    except WorkflowError as exc:  # the message names the key and the rule it breaks
+        raise ValueError(f"invalid configuration: {exc}") from None
+    # the validator fills defaults with the schema's own objects: detach them
+    return json.loads(json.dumps(out))
+
+
+def snapshot(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The part of a validated config that decides the campaign's results (no stop or
+    post-campaign keys): what every step reads."""
+    return {k: v for k, v in cfg.items() if k not in STOP_KEYS + POST_KEYS}
+
+
+def has_topology(cfg: dict[str, Any]) -> bool:
+    """Does the configured system have an all-atom topology (backmapping possible)?"""
+    return cfg["system"]["name"] in TOPOLOGY_SYSTEMS
+
+
+def relabels_all(cfg: dict[str, Any]) -> bool:
+    """Which points get labelled in iteration k: every point (the flow changed, so all labels
+    are redrawn) or only those added in iteration k − 1 (earlier labels are carried over)."""
+    return bool(cfg["labels"]["relabel_all"])
+
+
+def needs_previous_labels(cfg: dict[str, Any], k: int) -> bool:
+    """Does iteration k's labels file build on iteration k − 1's?"""
+    return not relabels_all(cfg) and k >= 2
+
+
+def stop_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The convergence settings of `check`: iteration limit and the optional metric rule."""
+    stop = cfg.get("stop") or {}
+    return {
+        "max_iterations": int(cfg["max_iterations"]),
+        "stop_metric": stop.get("metric"),
+        "stop_threshold": stop.get("threshold"),
+    }
+
+
+# ------------------------------------------------------------------------------ file layout
+def campaign_dir(results: str | Path, campaign: str) -> str:
+    """``<results>/<campaign>``"""
+    return f"{results}/{campaign}"
+
+
+def iteration_file(root: str | Path, k: int, name: str) -> str:
+    """``<root>/iter_<kkk>/<name>`` (``root`` is a campaign folder)."""
+    return f"{root}/iter_{k:03d}/{name}"
+
+
+def shard_file(root: str | Path, k: int, folder: str, shard: int) -> str:
+    """``<root>/iter_<kkk>/<folder>/shard_<j>.h5`` (folder: samples or energies)."""
+    return iteration_file(root, k, f"{folder}/shard_{shard}.h5")
+
+
+def benchmark_file(
+    root: str | Path, rule: str, k: int | None = None, shard: int | None = None
+) -> str:
+    """``<root>/benchmarks/<rule>/iter_<kkk>[_shard_<j>].tsv`` (``k=None``: ``<rule>.tsv``)."""
+    if k is None:
+        return f"{root}/benchmarks/{rule}/{rule}.tsv"
+    tail = f"_shard_{shard}" if shard is not None else ""
+    return f"{root}/benchmarks/{rule}/iter_{k:03d}{tail}.tsv"
+
+
+#: rules of iteration 0 and of every later iteration, in the order they run; sharded ones
+#: run once per energy shard. The in-process runner and the summary follow this list.
+START_RULES = ("start", "pretrain", "initial_points")
+ITERATION_RULES = (
+    "finetune",
+    "sample",
+    "energy",
+    "gather",
+    "ensemble",
+    "evaluate",
+    "walkers",
+    "select",
+    "check",
+)
+SHARDED_RULES = ("sample", "energy")
+
+
+def iteration_benchmarks(root: str | Path, k: int, shards: int) -> list[str]:
+    """Benchmark files of every job of iteration k (k = 0: the starting rules)."""
+    if k == 0:
+        return [benchmark_file(root, r, 0) for r in START_RULES]
+    out = []
+    for rule in ITERATION_RULES:
+        if rule in SHARDED_RULES:
+            out += [benchmark_file(root, rule, k, j) for j in range(shards)]
+        else:
+            out.append(benchmark_file(root, rule, k))
+    return out

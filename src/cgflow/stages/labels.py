@@ -1,0 +1,154 @@
+"""PMF labels of iteration k: flow draws at the labelled points of k − 1 (``samples/``), their
+exact energies in shards (``energies/``, one GPU job each) and the labels
+F(s) = −log (1/D) Σ w over D draws per point with their ESS (``labels.h5``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import config as cfgmod
+from ..data import read_h5, write_h5
+from ..energy.counting import EvaluationCounter
+from .points import read_points
+from .settings import Settings
+
+#: environment variables recorded with each energy shard (which devices and cluster job it saw)
+JOB_ENVIRONMENT = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_JOB_GPUS", "SLURM_GPUS")
+
+
+def labelled_indices(st: Settings, iteration: int, p: dict[str, Any]) -> torch.Tensor:
+    """Points labelled in ``iteration`` (training and held-out): all of them, or those added in
+    iteration k − 1 (:func:`cgflow.config.relabels_all`)."""
+    if cfgmod.relabels_all(st.cfg):
+        return torch.arange(len(p["s"]))
+    return torch.nonzero(p["tag"] == iteration - 1).flatten()
+
+
+def sample(
+    st: Settings, iteration: int, flow_in: Any, points_in: Any, shard: int, n_shards: int, out: Any
+) -> None:
+    """Flow draws (internal coordinates, log q, chirality flag) for one shard of the labelled points."""
+    from ..flows import load_flow
+    from ..training import label_draws
+
+    if not 0 <= shard < n_shards:
+        raise ValueError(f"shard {shard} is not in [0, {n_shards})")
+    flow, _ = load_flow(flow_in)
+    flow = flow.to(st.dtype)
+    p = read_points(points_in)
+    idx = np.array_split(labelled_indices(st, iteration, p).numpy(), n_shards)[shard]
+    draws = int(st["labels"]["draws"])
+    seed = st.stage_seed(iteration, "sample", shard)
+    d = label_draws(flow, st.system, p["s"][idx], draws, torch.Generator().manual_seed(seed))
+    write_h5(
+        out,
+        "samples",
+        {"point_index": np.repeat(idx, draws), "z": d.z, "log_q": d.log_q, "kept": d.kept},
+        {"point_index": "1", "z": "internal (nm, rad)", "log_q": "nat", "kept": "1"},
+        st.provenance(iteration, seed),
+        attrs={"shard": shard, "n_shards": n_shards, "draws_per_point": draws},
+    )
+
+
+def job_environment() -> dict[str, str]:
+    """``env_<NAME>`` attributes for the variables of :data:`JOB_ENVIRONMENT` that are set."""
+    env = {f"env_{k}": os.environ[k] for k in JOB_ENVIRONMENT if k in os.environ}
+    print(f"job environment: {env or 'no scheduler or GPU variables set'}", flush=True)
+    return env
+
+
+def energy(st: Settings, samples_in: Any, shard: int, out: Any) -> None:
+    """Reduced target log density ``log p̃ = −u(x(z)) + log|det|`` of the kept draws of one shard."""
+    from ..training import label_log_target
+
+    d = read_h5(samples_in, "samples")
+    if int(d.attrs["shard"]) != shard:
+        raise ValueError(f"{samples_in} holds shard {d.attrs['shard']}, not shard {shard}")
+    counter = EvaluationCounter()
+    backend, opts = st.label_backend(counter)
+    with backend:
+        log_p, u_kT = label_log_target(
+            st.system, torch.as_tensor(d["z"]), torch.as_tensor(d["kept"]), backend
+        )
+    write_h5(
+        out,
+        "energies",
+        {"log_p": log_p, "u_kT": u_kT, "valid": torch.isfinite(log_p)},
+        {"log_p": "nat", "u_kT": "kT", "valid": "1"},
+        st.provenance(int(d.attrs["iteration"]), int(d.attrs["seed"])),
+        attrs={
+            "shard": shard,
+            "backend": st["energy"]["backend"],
+            "backend_options": {k: str(v) for k, v in opts.items()},
+            **job_environment(),
+        },
+        counters=counter.as_dict(),
+    )
+
+
+def gather(
+    st: Settings,
+    iteration: int,
+    points_in: Any,
+    samples: list[Any],
+    energies: list[Any],
+    out: Any,
+    previous_labels: Any = None,
+) -> None:
+    """PMF labels F(s) = −log mean w over a fixed number of draws per point (rejected = 0)."""
+    from ..free_energy import pmf_labels
+    from ..training import log_weights
+
+    if len(samples) != len(energies):
+        raise ValueError(f"{len(samples)} sample shards but {len(energies)} energy shards")
+    if cfgmod.needs_previous_labels(st.cfg, iteration) != (previous_labels is not None):
+        raise ValueError(
+            f"iteration {iteration}: labels.relabel_all is {st['labels']['relabel_all']}, so the "
+            f"previous labels file must {'' if previous_labels is None else 'not '}be given"
+        )
+    p = read_points(points_in)
+    draws = int(st["labels"]["draws"])
+    idx_all, lw_all = [], []
+    for sp, ep in zip(samples, energies, strict=True):
+        sd, ed = read_h5(sp, "samples"), read_h5(ep, "energies")
+        if int(sd.attrs["shard"]) != int(ed.attrs["shard"]):
+            raise ValueError(
+                f"{sp} is shard {sd.attrs['shard']} but {ep} is shard {ed.attrs['shard']}"
+            )
+        lw_all.append(log_weights(ed["log_p"], sd["log_q"], sd["kept"]))
+        idx_all.append(torch.as_tensor(sd["point_index"]))
+    idx, lw = torch.cat(idx_all), torch.cat(lw_all)
+    points = idx.reshape(-1, draws)[:, 0] if len(idx) else idx
+    res = pmf_labels(lw.reshape(-1, draws), clip_top_k=int(st["labels"]["clip_top_k"]))
+    new = {
+        "s": p["s"][points],
+        "point_index": points,
+        "split": p["split"][points],
+        "F_kT": res.F_kT,
+        "ess": res.ess,
+        "n_valid": res.n_valid,
+    }
+    if previous_labels is not None:
+        prev = read_h5(previous_labels, "labels")
+        new = {k: torch.cat([torch.as_tensor(prev[k]), v]) for k, v in new.items()}
+    units = {"s": st.cg_units, "point_index": "1", "split": "1", "F_kT": "kT", "ess": "1"}
+    write_h5(
+        out,
+        "labels",
+        new,
+        {**units, "n_valid": "1"},
+        st.provenance(iteration),
+        attrs={"draws_per_point": draws, "clip_top_k": int(st["labels"]["clip_top_k"])},
+    )
+
+
+def read_labels(path: Any) -> dict[str, torch.Tensor]:
+    """The datasets of a labels file as tensors."""
+    d = read_h5(path, "labels")
+    return {
+        k: torch.as_tensor(d[k]) for k in ("s", "point_index", "split", "F_kT", "ess", "n_valid")
+    }

@@ -1,0 +1,149 @@
+"""Selection of the next CG points: walkers on the ensemble of iteration k (``walkers.h5``),
+farthest points among them spread into new points (``points.h5``), and the convergence
+checkpoint (``status.json``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data import atomic_path, read_h5, write_h5
+from .points import held_out_split, read_points, write_points
+from .settings import Settings
+from .start import minimum
+
+
+def _write_walkers(
+    st: Settings, iteration: int, out: Any, points: Any, stop_steps: Any, attrs: dict
+) -> None:
+    write_h5(
+        out,
+        "walkers",
+        {
+            "points": np.asarray(points).reshape(-1, st.system.cg_spec.dim),
+            "stop_steps": np.asarray(stop_steps),
+        },
+        {"points": st.cg_units, "stop_steps": "1"},
+        st.provenance(iteration),
+        attrs=attrs,
+    )
+
+
+def walkers(
+    st: Settings, iteration: int, ensemble_in: Any, points_in: Any, start_in: Any, out: Any
+) -> None:
+    """CG walkers from the previous iteration's centres (first time: ``walkers.start`` or the
+    CG value of the energy minimum recorded in ``start_in``)."""
+    from ..free_energy import FreeEnergyEnsemble
+    from ..sampling import cg_walkers
+
+    if st.grid_mode:  # no walkers: nothing is added, the run ends at max_iterations
+        attrs = {"exhausted": False, "steps_used": 0, "n_walkers": 0, "grid_mode": True}
+        _write_walkers(st, iteration, out, np.zeros(0), np.zeros(0, dtype=np.int64), attrs)
+        return
+    ens = FreeEnergyEnsemble.load(ensemble_in)
+    p = read_points(points_in)
+    w = st["walkers"]
+    if len(p["centres"]):
+        starts = torch.as_tensor(p["centres"])
+    elif w["start"] is not None:
+        starts = torch.tensor([w["start"]], dtype=torch.float64)
+    else:
+        starts = st.system.cg(torch.as_tensor(minimum(start_in)[None], dtype=torch.float64))
+    starts = starts.reshape(len(starts), -1)[torch.arange(w["n_walkers"]) % len(starts)]
+    res = cg_walkers(
+        ens.predict,
+        starts,
+        periodic=list(st.system.cg_spec.periodic),
+        bounds=list(st.system.cg_spec.bounds),
+        step_size=w["step_size"],
+        threshold_kT=w["threshold_kT"],
+        n_wanted=w["n_candidates"],
+        max_steps=w["max_steps"],
+        min_steps=w["min_steps"],
+        beta=float(w["beta"]),
+        seed=st.stage_seed(iteration, "walkers"),
+    )
+    attrs = {
+        "exhausted": bool(res.exhausted),
+        "steps_used": int(res.steps_used),
+        "n_walkers": w["n_walkers"],
+    }
+    _write_walkers(st, iteration, out, res.points, res.stop_steps, attrs)
+
+
+def select(st: Settings, iteration: int, walkers_in: Any, points_in: Any, out: Any) -> None:
+    """Farthest points among the stopped walkers, spread around each, a random held-out
+    fraction, appended to the points of iteration k − 1."""
+    from ..sampling import farthest_point_selection, spread
+
+    found = torch.as_tensor(read_h5(walkers_in, "walkers")["points"])
+    p = read_points(points_in)
+    periodic = list(st.system.cg_spec.periodic)
+    bounds = list(st.system.cg_spec.bounds)
+    s, split, tag, group = p["s"], p["split"], p["tag"], p["group"]
+    centres = found[:0]
+    if len(found):
+        n_sel = min(st["walkers"]["n_select"], len(found))
+        seed = st.stage_seed(iteration, "select_fps")
+        centres = found[farthest_point_selection(found, n_sel, periodic, bounds, seed=seed)]
+        sp = st["spreading"]
+        new = spread(
+            centres,
+            sp["n_per_centre"],
+            sp["radius"],
+            kind=sp["kind"],
+            periodic=periodic,
+            bounds=bounds,
+            seed=st.stage_seed(iteration, "select_spread"),
+        )
+        groups = torch.arange(len(centres)).repeat_interleave(sp["n_per_centre"])
+        new_split = held_out_split(
+            len(new), sp["test_fraction"], st.stage_seed(iteration, "select_split")
+        )
+        s = torch.cat([s, new.to(s.dtype)])
+        split = torch.cat([split, new_split])
+        tag = torch.cat([tag, torch.full((len(new),), iteration, dtype=torch.int64)])
+        group = torch.cat([group, int(group.max()) + 1 + groups if len(group) else groups])
+    write_points(st, out, iteration, s, split, tag, group, centres.numpy())
+
+
+def check(
+    iteration: int,
+    walkers_in: Any,
+    metrics_in: Any,
+    out: Any,
+    max_iterations: int,
+    stop_metric: str | None = None,
+    stop_threshold: float | None = None,
+) -> dict[str, Any]:
+    """Converged? Walkers exhausted (no ground truth needed), a metric below its threshold, or
+    the last iteration. The stop settings come as arguments (the workflow keeps them out of the
+    config snapshot so that a campaign can be extended)."""
+    if stop_metric is not None and stop_threshold is None:
+        raise ValueError(f"stop metric {stop_metric!r} needs a threshold")
+    exhausted = read_h5(walkers_in, "walkers", datasets=["points"])
+    metrics = json.loads(Path(metrics_in).read_text())
+    status = {"iteration": iteration, "converged": False, "reason": "continue"}
+    if exhausted.attrs["exhausted"] and len(exhausted["points"]) == 0:
+        status.update(converged=True, reason="walkers exhausted")
+    elif stop_metric and metrics.get(stop_metric, math.inf) < stop_threshold:
+        status.update(converged=True, reason=f"{stop_metric} < {stop_threshold}")
+    elif iteration >= max_iterations:
+        status.update(converged=True, reason="max iterations")
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(status, indent=1))
+    return status
+
+
+def read_status(path: Any) -> dict[str, Any]:
+    """A checkpoint's status (``converged`` flag and reason); a clear error for anything else."""
+    status = json.loads(Path(path).read_text())
+    if not isinstance(status, dict) or not isinstance(status.get("converged"), bool):
+        raise ValueError(f"{path}: expected a JSON object with a boolean 'converged'")
+    return status
