@@ -38,3 +38,24 @@ def _one_torch_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+def schema_defaults() -> dict:
+    """The configuration with every schema default (the one source of defaults)."""
+    from cgflow.config import validated
+
+    return validated({})
+
+
+def energy_config(**overrides):
+    """EnergyConfig with the schema's ``energy_training.later`` defaults, seed 0, overridden."""
+    from cgflow.training import EnergyConfig
+
+    return EnergyConfig(**{**schema_defaults()["energy_training"]["later"], "seed": 0, **overrides})
+
+
+def example_config(**overrides):
+    """ExampleConfig with the schema's ``example`` defaults, seed 0, overridden."""
+    from cgflow.training import ExampleConfig
+
+    return ExampleConfig(**{**schema_defaults()["example"], "seed": 0, **overrides})

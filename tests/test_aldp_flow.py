@@ -14,13 +14,12 @@ from cgflow.metrics import GRIDS
 from cgflow.reference import ALDP_REFERENCE, load_reference
 from cgflow.sampling import spread
 from cgflow.training import (
-    EnergyConfig,
-    ExampleConfig,
     cg_values,
     label_log_weights,
     train_by_energy,
     train_by_example,
 )
+from conftest import energy_config, example_config
 
 BETA = (-2.54, 2.81)  # the minimum (β / C5)
 ALPHA_R = (-1.40, -0.65)
@@ -60,7 +59,7 @@ def test_tiny_flow_learns_alpha_r_minus_beta(aldp):
     flow = build_flow(aldp, n_blocks=6, hidden=64).to(torch.float32)
     opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
     train_by_example(
-        flow, s0, x_fg, ExampleConfig(epochs=40, lr=1e-3, batch_size=128), optimizer=opt
+        flow, s0, x_fg, example_config(epochs=40, lr=1e-3, batch_size=128), optimizer=opt
     )
     backend = aldp.energy_backend("torch", dtype=torch.float32)
     ess_before = [ess(flow, aldp, backend, p) for p in (BETA, ALPHA_R)]
@@ -69,7 +68,7 @@ def test_tiny_flow_learns_alpha_r_minus_beta(aldp):
     ).float()
     counter = EvaluationCounter()
     for lr, epochs in ((1e-3, 240), (3e-4, 240)):
-        cfg = EnergyConfig(
+        cfg = energy_config(
             epochs=epochs,
             lr=lr,
             batch_size=64,

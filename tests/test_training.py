@@ -10,8 +10,6 @@ from cgflow.energy.counting import EvaluationCounter
 from cgflow.flows import build_flow
 from cgflow.training import (
     BackendEnergy,
-    EnergyConfig,
-    ExampleConfig,
     cg_values,
     draw,
     label_log_weights,
@@ -22,6 +20,7 @@ from cgflow.training import (
     train_by_energy,
     train_by_example,
 )
+from conftest import energy_config, example_config
 
 
 def test_backend_energy_gradients_match_autograd(aldp, aldp_frames):
@@ -88,12 +87,12 @@ def test_mueller_brown_by_example_and_energy_with_counting():
     run = metropolis(mb, n_frames=200, stride=10, seed=0, step_size=0.05)
     s, x_fg = cg_values(mb, run.frames, torch.float64)
     flow = build_flow(mb, cond_mean=[-2.0], cond_std=[0.3])
-    hist = train_by_example(flow, s, x_fg, ExampleConfig(epochs=30, lr=5e-3, batch_size=16))
+    hist = train_by_example(flow, s, x_fg, example_config(epochs=30, lr=5e-3, batch_size=16))
     assert hist["nll"][-1] < hist["nll"][0]
     backend = mb.energy_backend()
     counter = EvaluationCounter()
     pts = torch.linspace(-2.2, -1.8, 20, dtype=torch.float64)[:, None]
-    cfg = EnergyConfig(
+    cfg = energy_config(
         epochs=5,
         lr=5e-3,
         batch_size=8,
@@ -103,11 +102,10 @@ def test_mueller_brown_by_example_and_energy_with_counting():
         clip_early=20,
         clip_late=20,
     )
-    h = train_by_energy(flow, mb, backend, pts, cfg, counter, test_points=pts[:5])
+    h = train_by_energy(flow, mb, backend, pts, cfg, counter)
     assert len(h.loss) == 5 and h.lr[:2] == [2.5e-3, 5e-3]
     rows = 5 * (20 * 10 // 8) * 8
     assert counter["training_draws"] == rows and counter["training"] == rows
-    assert counter["diagnostics"] == 5 * 5
     # labels: fixed draws per point, each counted; F close to the exact PMF differences
     lw = label_log_weights(flow, mb, backend, pts[::5], 200, counter, seed=1)
     assert lw.shape == (4, 200) and counter["labels"] == 800

@@ -45,9 +45,7 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -685,16 +683,10 @@ def save_flow(
     }
     if optimizer is not None:
         payload["optimizer"] = _to_cpu(optimizer.state_dict())
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from .data import atomic_path
+
+    with atomic_path(path) as tmp:  # the umask decides the mode, as for every result file
+        torch.save(payload, tmp)
 
 
 def load_flow(

@@ -83,8 +83,9 @@ class CountingBackend(EnergyBackend):
         self.inner = backend
         self.counter = counter
         self.kind = kind
-        self.energy_unit = backend.energy_unit
-        self.length_unit = backend.length_unit
+        for unit in ("energy_unit", "length_unit"):  # the wrapped backend's, where it names them
+            if hasattr(backend, unit):
+                setattr(self, unit, getattr(backend, unit))
 
     def energies(self, x: Any) -> Any:
         self.counter.add(self.kind, len(x))

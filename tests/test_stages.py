@@ -1,0 +1,479 @@
+"""The stage functions (one per workflow rule): files, counters, shards, settings, metrics."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cgflow.data import read_h5
+from cgflow.stages import ensemble, evaluate, labels, report, select, start, train
+from cgflow.stages.settings import Settings, write_snapshot
+
+CFG = {
+    "campaign": "t",
+    "seed": 0,
+    "system": {"name": "mueller_brown", "options": {}},
+    "dtype": "float64",
+    "start": {
+        "n_frames": 200,
+        "stride": 20,
+        "n_points": 40,
+        "test_fraction": 0.2,
+        "cg_window": [[-2.2, -1.8]],
+        "sampler": {"step_size": 0.05},
+    },
+    "flow": {"cond_mean": [-2.0], "cond_std": [0.3]},
+    "example": {"epochs": 20, "lr": 5e-4, "batch_size": 16},
+    "energy_training": {
+        k: {
+            "epochs": 2,
+            "lr": 5e-3,
+            "batch_size": 8,
+            "rows_per_point": 10,
+            "warmup_epochs": 0,
+            "clip_early": 20,
+            "clip_late": 20,
+            "clip_switch_epoch": 0,
+            "skip_top_k": 0,
+            "old_fraction": 0.3,
+        }
+        for k in ("first", "later")
+    },
+    "backend": {"kind": "torch"},
+    "labels": {"draws": 16, "clip_top_k": 0, "relabel_all": True},
+    "energy": {
+        "backend": "torch",
+        "platform": None,
+        "n_workers": 0,
+        "torch_dtype": "float64",
+        "shards": 2,
+    },
+    "ensemble": {
+        "n_members": 3,
+        "hidden": [16, 16],
+        "activation": "sigmoid",
+        "init": "xavier",
+        "epochs": 20,
+        "lr": 1e-3,
+        "batch_size": 16,
+        "split": "bagging",
+        "train_fraction": 0.9,
+    },
+    "walkers": {
+        "n_walkers": 20,
+        "step_size": 0.1,
+        "threshold_kT": 0.01,
+        "min_steps": 0,
+        "max_steps": 500,
+        "n_candidates": 3,
+        "n_select": 2,
+        "start": [-2.0],
+    },
+    "spreading": {"kind": "uniform", "radius": 0.5, "n_per_centre": 10, "test_fraction": 0.5},
+    "max_iterations": 1,
+    "stop": {"metric": None, "threshold": None},
+}
+
+
+def run_iteration_zero(st, root):
+    i0 = root / "iter_000"
+    start.start(st, i0 / "start.h5")
+    start.pretrain(st, i0 / "start.h5", i0 / "flow.pt")
+    start.initial_points(st, i0 / "start.h5", i0 / "points.h5")
+    return i0
+
+
+def run_iteration(st, root, k, n_shards=1, max_iterations=1):
+    """Iteration k through the stage functions, as the workflow's rules call them."""
+    prev, it = root / f"iter_{k - 1:03d}", root / f"iter_{k:03d}"
+    i0 = root / "iter_000"
+    train.finetune(st, k, prev / "flow.pt", prev / "points.h5", it / "flow.pt", it / "train.h5")
+    samples = [it / "samples" / f"shard_{j}.h5" for j in range(n_shards)]
+    energies = [it / "energies" / f"shard_{j}.h5" for j in range(n_shards)]
+    for j in range(n_shards):
+        labels.sample(st, k, it / "flow.pt", prev / "points.h5", j, n_shards, samples[j])
+        labels.energy(st, samples[j], j, energies[j])
+    labels.gather(st, k, prev / "points.h5", samples, energies, it / "labels.h5")
+    ensemble.ensemble(st, k, it / "labels.h5", it / "ensemble.pt")
+    evaluate.evaluate(
+        st,
+        k,
+        it / "ensemble.pt",
+        prev / "points.h5",
+        it / "labels.h5",
+        it / "metrics.json",
+        it / "pmf.png",
+    )
+    select.walkers(
+        st, k, it / "ensemble.pt", prev / "points.h5", i0 / "start.h5", it / "walkers.h5"
+    )
+    select.select(st, k, it / "walkers.h5", prev / "points.h5", it / "points.h5")
+    return select.check(
+        k, it / "walkers.h5", it / "metrics.json", it / "status.json", max_iterations
+    )
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wf")
+    st = Settings.load(write_snapshot(CFG, root / "config.yaml"))
+    i0 = run_iteration_zero(st, root)
+    status = run_iteration(st, root, 1, n_shards=2)
+    i1 = root / "iter_001"
+    df = report.summary(
+        st,
+        i0 / "start.h5",
+        [i0 / "points.h5", i1 / "points.h5"],
+        [i1 / "train.h5"],
+        sorted((i1 / "energies").glob("*.h5")),
+        [i1 / "metrics.json"],
+        [i1 / "status.json"],
+        root / "summary.csv",
+        root / "convergence.png",
+    )
+    return root, st, status, df
+
+
+def test_files_and_provenance(campaign):
+    root, st, status, _ = campaign
+    start_h5 = read_h5(root / "iter_000" / "start.h5", "start")
+    assert start_h5["x"].shape == (200, 2) and start_h5.counters["start_md"] == 1 + 200 * 20
+    assert start_h5.attrs["config_hash"] == st.hash and start_h5.attrs["beta"] == 0.1
+    np.testing.assert_allclose(start_h5["x_min"], [-0.558, 1.442])  # Müller–Brown's x0
+    pts = read_h5(root / "iter_000" / "points.h5", "points")
+    assert len(pts["s"]) == 40 and set(np.unique(pts["split"])) == {0, 1}
+    assert (pts["s"] >= -2.2).all() and (pts["s"] <= -1.8).all()
+    lab = read_h5(root / "iter_001" / "labels.h5", "labels")
+    # every point is labelled, the held-out ones too (flagged)
+    assert sorted(lab["point_index"]) == list(range(40)) and np.isfinite(lab["F_kT"]).all()
+    np.testing.assert_array_equal(lab["split"], pts["split"][lab["point_index"]])
+    new = read_h5(root / "iter_001" / "points.h5", "points")
+    assert len(new["s"]) == 40 + 2 * 10 and (new["tag"][40:] == 1).all()
+    assert (new["split"][40:] == 1).sum() == 10  # test_fraction 0.5, point by point
+    assert len(json.loads(new.attrs["centres"])) == 2
+    assert status == {"iteration": 1, "converged": True, "reason": "max iterations"}
+    assert (root / "iter_001" / "pmf.png").stat().st_size > 1000
+    metrics = json.loads((root / "iter_001" / "metrics.json").read_text())
+    assert {"kld", "max_abs_dF_kT", "n_train_points", "label_ess_median"} <= set(metrics)
+    assert metrics["n_heldout_labels"] > 0 and np.isfinite(metrics["heldout_rmse_kT"])
+
+
+def test_summary_counts(campaign):
+    root, _, _, df = campaign
+    assert list(df["iteration"]) == [0, 1]
+    row = df.iloc[1]
+    tr = read_h5(root / "iter_001" / "train.h5", "train")
+    assert row["evals_training"] == tr.counters["training"]
+    assert row["evals_labels"] == 40 * 16  # every point, 16 draws
+    assert row["N"] == sum(
+        row[f"cum_evals_{k}"] for k in ("start_md", "minimisation", "training", "labels")
+    )
+    assert (root / "summary.csv").read_text().startswith("iteration,")
+    assert (root / "convergence.png").stat().st_size > 1000
+
+
+def test_summary_reads_only_the_files_it_is_given(campaign, tmp_path):
+    root, st, _, df = campaign
+    i0, i1 = root / "iter_000", root / "iter_001"
+    one = report.summary(
+        st,
+        i0 / "start.h5",
+        [i0 / "points.h5", i1 / "points.h5"],
+        [i1 / "train.h5"],
+        [i1 / "energies" / "shard_0.h5"],
+        [i1 / "metrics.json"],
+        [i1 / "status.json"],
+        tmp_path / "s.csv",
+    )
+    shard1 = read_h5(i1 / "energies" / "shard_1.h5", "energies").counters["labels"]
+    assert int(one["N"].iloc[1]) == int(df["N"].iloc[1]) - shard1
+    with pytest.raises(ValueError, match="needs 2 points files"):
+        report.summary(
+            st,
+            i0 / "start.h5",
+            [i0 / "points.h5"],
+            [i1 / "train.h5"],
+            [],
+            [i1 / "metrics.json"],
+            [i1 / "status.json"],
+            tmp_path / "x.csv",
+        )
+
+
+def test_sharding_does_not_change_labels(campaign, tmp_path):
+    root, st, _, _ = campaign
+    i0, i1 = root / "iter_000", root / "iter_001"
+    labels.sample(st, 1, i1 / "flow.pt", i0 / "points.h5", 0, 1, tmp_path / "s.h5")
+    labels.energy(st, tmp_path / "s.h5", 0, tmp_path / "e.h5")
+    # one shard draws with another seed, so compare the counted evaluations and the point set
+    labels.gather(
+        st, 1, i0 / "points.h5", [tmp_path / "s.h5"], [tmp_path / "e.h5"], tmp_path / "l.h5"
+    )
+    one = read_h5(tmp_path / "l.h5", "labels")
+    two = read_h5(i1 / "labels.h5", "labels")
+    assert sorted(one["point_index"]) == sorted(two["point_index"])
+    assert np.abs(np.sort(one["F_kT"]) - np.sort(two["F_kT"])).max() < 2.0
+    with pytest.raises(ValueError, match="sample shards but"):
+        labels.gather(st, 1, i0 / "points.h5", [tmp_path / "s.h5"], [], tmp_path / "x.h5")
+    with pytest.raises(ValueError, match="previous labels file must not be given"):
+        labels.gather(st, 1, i0 / "points.h5", [], [], tmp_path / "x.h5", i1 / "labels.h5")
+
+
+def test_bad_shard_is_refused_by_name(campaign, tmp_path):
+    root, st, _, _ = campaign
+    i0, i1 = root / "iter_000", root / "iter_001"
+    with pytest.raises(ValueError, match="shard 3 is not in"):
+        labels.sample(st, 1, i1 / "flow.pt", i0 / "points.h5", 3, 2, tmp_path / "s.h5")
+    with pytest.raises(ValueError, match="holds shard 1, not shard 0"):
+        labels.energy(st, i1 / "samples" / "shard_1.h5", 0, tmp_path / "e.h5")
+    assert not (tmp_path / "e.h5").exists()
+
+
+def test_cli_snapshot_and_check(tmp_path, campaign):
+    from cgflow.cli import main
+
+    root, _, _, _ = campaign
+    assert (
+        main(["wf", "snapshot", "--json", json.dumps(CFG), "--out", str(tmp_path / "c.yaml")]) == 0
+    )
+    snap = yaml.safe_load((tmp_path / "c.yaml").read_text())
+    # the snapshot is the validated config (defaults filled in) without stop and post keys
+    assert snap["system"] == CFG["system"] and snap["evaluation"]["bins"] == 100
+    assert "max_iterations" not in snap and "backmap" not in snap
+    i1 = root / "iter_001"
+    check = ["wf", "check", "--iteration", "1", "--max-iterations", "1"]
+    paths = ["--walkers", str(i1 / "walkers.h5"), "--metrics", str(i1 / "metrics.json")]
+    assert main([*check, *paths, "--out", str(tmp_path / "s.json")]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["converged"]
+    missing = ["--walkers", "x", "--metrics", "y", "--out", str(tmp_path / "z.json")]
+    assert main([*check, *missing]) == 2
+    assert main(["wf", "start", "--config", str(tmp_path / "missing.yaml"), "--out", "x"]) == 2
+
+
+def test_bad_config_names_the_key(tmp_path):
+    bad = json.loads(json.dumps(CFG))
+    bad["ensemble"]["epochs"] = 0
+    with pytest.raises(ValueError, match="epochs"):
+        write_snapshot(bad, tmp_path / "c.yaml")
+    bad = {**CFG, "fail_shard": 1}
+    with pytest.raises(ValueError, match="fail_shard"):
+        Settings(bad)
+    assert not (tmp_path / "c.yaml").exists()
+
+
+def test_settings_dataclasses_have_no_defaults_of_their_own():
+    """The schema is the one source of defaults: a settings dataclass restates none."""
+    import dataclasses
+
+    from cgflow.training import EnergyConfig, ExampleConfig
+
+    for cls in (EnergyConfig, ExampleConfig):
+        for f in dataclasses.fields(cls):
+            assert f.default is dataclasses.MISSING, (cls.__name__, f.name)
+            assert f.default_factory is dataclasses.MISSING, (cls.__name__, f.name)
+    # and every schema key of their sections is a field (the stages pass the sections whole)
+    from conftest import schema_defaults
+
+    d = schema_defaults()
+    assert set(d["energy_training"]["later"]) | {"seed"} == {
+        f.name for f in dataclasses.fields(EnergyConfig)
+    }
+    assert set(d["example"]) | {"seed"} == {f.name for f in dataclasses.fields(ExampleConfig)}
+
+
+def test_result_files_get_the_umask_mode(campaign):
+    import os
+    import stat
+
+    root, _, _, _ = campaign
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("iter_001/flow.pt", "iter_001/ensemble.pt", "iter_001/labels.h5", "summary.csv"):
+        mode = stat.S_IMODE((root / name).stat().st_mode)
+        assert mode == 0o666 & ~mask, (name, oct(mode))
+
+
+def _aldp_points(st, tmp_path):
+    from cgflow.free_energy import fit_ensemble
+    from cgflow.stages.points import write_points
+
+    gen = torch.Generator().manual_seed(0)
+    s = (torch.rand(60, 2, generator=gen, dtype=torch.float64) * 2 - 1) * np.pi
+    f = 2.0 * (1 - torch.cos(s[:, 0] + 2.5)) + (1 - torch.cos(s[:, 1] - 2.8))
+    e = {**st["ensemble"], "n_members": 2, "hidden": [8], "epochs": 5, "batch_size": 16}
+    fit_ensemble(e, [True, True], s, f, 0).save(tmp_path / "ensemble.pt")
+    n = len(s)
+    split = torch.zeros(n, dtype=torch.int64)
+    split[:10] = 1
+    zeros = torch.zeros(n, dtype=torch.int64)
+    write_points(st, tmp_path / "points.h5", 0, s, split, zeros, torch.arange(n), [[1, 1]])
+    return s, f, split
+
+
+def _labels_file(st, path, s, f, split):
+    from cgflow.data import write_h5
+
+    n = len(s)
+    write_h5(
+        path,
+        "labels",
+        {
+            "s": s,
+            "point_index": torch.arange(n),
+            "split": split,
+            "F_kT": f,
+            "ess": torch.full((n,), 10.0, dtype=torch.float64),
+            "n_valid": torch.full((n,), 16),
+        },
+        {
+            "s": st.cg_units,
+            "point_index": "1",
+            "split": "1",
+            "F_kT": "kT",
+            "ess": "1",
+            "n_valid": "1",
+        },
+        st.provenance(1),
+    )
+
+
+def test_evaluate_alanine_dipeptide_against_the_reference(tmp_path, aldp):
+    """The ALDP branch of evaluate: every reference metric and the 4-panel map."""
+    st = Settings({"campaign": "t", "seed": 0, "system": {"name": "alanine_dipeptide"}})
+    st._system = aldp
+    s, f, split = _aldp_points(st, tmp_path)
+    _labels_file(st, tmp_path / "labels.h5", s, f, split)
+    m = evaluate.evaluate(
+        st,
+        1,
+        tmp_path / "ensemble.pt",
+        tmp_path / "points.h5",
+        tmp_path / "labels.h5",
+        tmp_path / "m.json",
+        tmp_path / "p.png",
+    )
+    for key in (
+        "kld_std100",
+        "kld_shifted100",
+        "kld_std36",
+        "kld_floor_std100",
+        "dF_phi_pos_err_kT",
+        "dF_phi_pos_ref_stderr_kT",
+        "dF_aR_beta_kT",
+        "dF_aR_beta_ref_kT",
+        "rmse_F_std36_kT",
+        "heldout_rmse_kT",
+        "label_ess_median",
+    ):
+        assert np.isfinite(m[key]), key
+    assert m["n_heldout_labels"] == 10 and m["label_ess_median"] == 10.0
+    assert json.loads((tmp_path / "m.json").read_text()) == m
+    assert (tmp_path / "p.png").stat().st_size > 20_000
+
+
+def double_well(x):
+    """U(x) in kT for the analytic-system test: a double well in x0, harmonic in x1."""
+    return 2.0 * (x[:, 0] ** 2 - 1.0) ** 2 + 0.5 * x[:, 1] ** 2
+
+
+ANALYTIC = {
+    "name": "analytic",
+    "options": {
+        "potential": "test_stages:double_well",
+        "dim": 2,
+        "beta": 1.0,
+        "cg_indices": [0],
+        "cg_bounds": [[-2.0, 2.0]],
+        "x0": [-1.0, 0.0],
+    },
+}
+
+
+def test_a_user_defined_analytic_system_runs_through_the_stages_with_exact_metrics(tmp_path):
+    """`system: {name: analytic, ...}` needs no code; with `evaluation.fg_range` its exact PMF
+    by quadrature scores the ensemble like Müller–Brown's."""
+    cfg = json.loads(json.dumps(CFG))
+    cfg["system"] = ANALYTIC
+    cfg["start"]["cg_window"] = None
+    cfg["flow"] = {"cond_mean": [-1.0], "cond_std": [0.5]}
+    cfg["walkers"]["start"] = None  # first walkers start at the recorded minimum
+    cfg["evaluation"] = {"fg_range": [[-8.0, 8.0]], "bins": 40}
+    st = Settings.load(write_snapshot(cfg, tmp_path / "config.yaml"))
+    assert st.system.name == "analytic"
+    run_iteration_zero(st, tmp_path)
+    run_iteration(st, tmp_path, 1)
+    i1 = tmp_path / "iter_001"
+    lab = read_h5(i1 / "labels.h5", "labels")
+    # exact: F(s) = 2 (s² − 1)² + const (the harmonic x1 integrates to a constant)
+    s, f = lab["s"][:, 0], lab["F_kT"]
+    assert np.std(f - 2.0 * (s**2 - 1.0) ** 2) < 0.3
+    m = json.loads((i1 / "metrics.json").read_text())
+    assert {"kld", "max_abs_dF_kT", "max_std_kT"} <= set(m)
+    grid = evaluate.cg_grid(st.system, 40)
+    exact = st.system.quadrature_pmf(grid, [[-8.0, 8.0]], 801)
+    want = 2.0 * (grid[:, 0] ** 2 - 1.0) ** 2
+    np.testing.assert_allclose(exact, want - want.min(), atol=1e-6)
+    # first walkers start at the CG value of the recorded minimum
+    assert read_h5(i1 / "walkers.h5", "walkers").attrs["n_walkers"] == 20
+
+
+def test_analytic_reference_csv_and_bad_range(tmp_path):
+    cfg = json.loads(json.dumps(CFG))
+    cfg["system"] = ANALYTIC
+    grid = np.linspace(-1.9, 1.9, 20)
+    (tmp_path / "ref.csv").write_text(
+        "s0,F_kT\n" + "".join(f"{g},{2 * (g * g - 1) ** 2}\n" for g in grid)
+    )
+    cfg["evaluation"] = {"reference_csv": str(tmp_path / "ref.csv")}
+    pts, f = evaluate.exact_pmf(Settings(cfg))
+    np.testing.assert_allclose(pts[:, 0], grid) and np.testing.assert_allclose(
+        f[0], 2 * (grid[0] ** 2 - 1) ** 2
+    )
+    (tmp_path / "bad.csv").write_text("s,F\n0,1\n")
+    cfg["evaluation"] = {"reference_csv": str(tmp_path / "bad.csv")}
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['s0', 'F_kT'\]"):
+        evaluate.exact_pmf(Settings(cfg))
+    cfg["evaluation"] = {"fg_range": [[1.0, -1.0]]}
+    with pytest.raises(ValueError, match="low < high"):
+        evaluate.exact_pmf(Settings(cfg))
+
+
+def test_mueller_brown_metrics_follow_the_configured_beta():
+    """A non-default β is scored against its own exact PMF, not the default one."""
+    from cgflow.systems import get_system
+
+    cfg = json.loads(json.dumps(CFG))
+    cfg["system"]["options"] = {"beta": 0.05, "bounds": [-2.0, 1.0]}
+    pts, f = evaluate.exact_pmf(Settings(cfg))
+    assert pts[0, 0] == pytest.approx(-2.0 + 1.5 / 100) and len(pts) == 100
+    np.testing.assert_allclose(f, get_system("mueller_brown", beta=0.05).exact_pmf(pts[:, 0]))
+    default = get_system("mueller_brown").exact_pmf(pts[:, 0])
+    assert np.abs(f - default).max() > 1.0
+
+
+def test_grid_mode_trains_on_a_fixed_grid_without_walkers(tmp_path):
+    """`mode: grid` (method-spec 7.1): grid points from iteration 1 on, every iteration trains
+    on all of them, no walkers, no points added, the run continues to max_iterations."""
+    cfg = json.loads(json.dumps(CFG))
+    cfg.update(mode="grid", grid={"per_axis": 12})
+    st = Settings.load(write_snapshot(cfg, tmp_path / "config.yaml"))
+    assert st.grid_mode
+    i0 = run_iteration_zero(st, tmp_path)
+    p0 = read_h5(i0 / "points.h5", "points")
+    lo, hi = -2.5, 1.1  # Müller–Brown CG bounds
+    expected = lo + (np.arange(12) + 0.5) * (hi - lo) / 12
+    np.testing.assert_allclose(np.sort(p0["s"][:, 0]), expected)
+    n_train = int((p0["split"] == 0).sum())
+    assert 0 < n_train < 12
+    for k in (1, 2):
+        status = run_iteration(st, tmp_path, k, max_iterations=2)
+        it = tmp_path / f"iter_{k:03d}"
+        tr = read_h5(it / "train.h5", "train")
+        assert (tr.attrs["n_latest"], tr.attrs["n_older"]) == (n_train, 0)
+        assert len(read_h5(it / "labels.h5", "labels")["F_kT"]) == 12  # whole grid relabelled
+        w = read_h5(it / "walkers.h5", "walkers")
+        assert len(w["points"]) == 0 and w.attrs["grid_mode"] and not w.attrs["exhausted"]
+        np.testing.assert_array_equal(read_h5(it / "points.h5", "points")["s"], p0["s"])
+        assert status["reason"] == ("continue" if k == 1 else "max iterations")
