@@ -26,7 +26,17 @@ import pandas as pd
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("Snakefile", "workflow", "config", "profiles", "envs", "data/baselines/speedup")
+#: the workflow's files; the rules read the torch-free config module and schema from src/
+COPIED = (
+    "Snakefile",
+    "workflow",
+    "config",
+    "profiles",
+    "envs",
+    "data/baselines/speedup",
+    "src/cgflow/config.py",
+    "src/cgflow/config.schema.yaml",
+)
 
 
 def job_times(campaign_dir: Path) -> pd.DataFrame:

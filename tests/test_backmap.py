@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from cgflow import steps
 from cgflow.flows import build_flow, save_flow
+from cgflow.stages.report import backmap
+from cgflow.stages.settings import Settings, write_snapshot
 
 POINTS = {"beta": [-2.55, 2.8], "alpha_R": [-1.1, -0.85], "alpha_L": [1.0, 0.6]}
 
@@ -19,9 +20,9 @@ def backmapped(tmp_path_factory, aldp):
     torch.manual_seed(0)
     save_flow(build_flow(aldp, n_blocks=2, hidden=16), root / "flow.pt", extra={"iteration": 3})
     cfg = {"campaign": "t", "seed": 0, "system": {"name": "alanine_dipeptide", "options": {}}}
-    st = steps.Settings(cfg)
+    st = Settings(cfg)
     st._system = aldp  # the session's system (built once)
-    info = steps.backmap(st, root / "flow.pt", POINTS, 20, root / "out")
+    info = backmap(st, root / "flow.pt", POINTS, 20, root / "out")
     return root / "out", info
 
 
@@ -52,11 +53,11 @@ def test_system_without_topology_and_bad_names_fail(tmp_path):
 
     mb = get_system("mueller_brown")
     save_flow(build_flow(mb, cond_mean=[-2.0], cond_std=[0.3]), tmp_path / "f.pt")
-    st = steps.Settings({"seed": 0, "system": {"name": "mueller_brown", "options": {}}})
+    st = Settings({"seed": 0, "system": {"name": "mueller_brown", "options": {}}})
     with pytest.raises(ValueError, match="no all-atom topology"):
-        steps.backmap(st, tmp_path / "f.pt", {"a": [0.0]}, 2, tmp_path)
+        backmap(st, tmp_path / "f.pt", {"a": [0.0]}, 2, tmp_path)
     with pytest.raises(ValueError, match="letters, digits"):
-        steps.backmap(st, tmp_path / "f.pt", {"../x": [0.0]}, 2, tmp_path)
+        backmap(st, tmp_path / "f.pt", {"../x": [0.0]}, 2, tmp_path)
 
 
 def test_cli(backmapped, tmp_path):
@@ -64,7 +65,7 @@ def test_cli(backmapped, tmp_path):
 
     out, _ = backmapped
     cfg = tmp_path / "c.yaml"
-    steps.write_snapshot({"seed": 1, "system": {"name": "alanine_dipeptide", "options": {}}}, cfg)
+    write_snapshot({"seed": 1, "system": {"name": "alanine_dipeptide", "options": {}}}, cfg)
     args = ["wf", "backmap", "--config", str(cfg), "--flow", str(out.parent / "flow.pt")]
     args += ["--points", json.dumps({"b": [-2.5, 2.8]}), "--structures", "2"]
     assert main([*args, "--out-dir", str(tmp_path / "bm")]) == 0

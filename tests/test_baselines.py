@@ -333,7 +333,7 @@ def test_speedup_cli_end_to_end(tmp_path, aldp):
 
 def test_campaign_speedup_step_against_shipped_style_points(tmp_path):
     """Rule speedup: a campaign summary against a points table's baseline methods only."""
-    from cgflow import steps
+    from cgflow.stages.report import speedup
 
     summary = two_iteration_summary(tmp_path, metric_dF_phi_pos_err_kT=[1.0, 0.1])
     base = tmp_path / "points.csv"
@@ -344,8 +344,7 @@ def test_campaign_speedup_step_against_shipped_style_points(tmp_path):
             {"method": "metadynamics", "run": "1", "evaluations": 1e7, "kld_std36": 0.01},
         ]
     ).to_csv(base, index=False)
-    st = steps.Settings({"seed": 0})
-    table = steps.speedup(st, summary, base, tmp_path / "s.csv", tmp_path / "s.md")
+    table = speedup(summary, base, tmp_path / "s.csv", tmp_path / "s.md")
     t = table.set_index(["target", "method"])
     assert t.loc[("kld_std36<=0.05", "campaign"), "status"] == "measured"
     assert 1e5 < t.loc[("kld_std36<=0.05", "campaign"), "evaluations"] < 1e6

@@ -535,3 +535,30 @@ def test_cuda_matches_reference(case: Case):
         xt = torch.tensor(case.noisy[:64], device="cuda", dtype=dtype, requires_grad=True)
         (grad,) = torch.autograd.grad(backend.energies(xt).sum(), xt)
         assert torch.isfinite(grad).all()
+
+
+def test_counting_backend_counts_every_configuration():
+    """The one counting wrapper: every configuration a backend evaluates is counted."""
+    import torch
+
+    from cgflow.energy.counting import (
+        CountingBackend,
+        EvaluationCounter,
+        counted,
+        dynamics_evaluations,
+    )
+    from cgflow.systems import get_system
+
+    mb = get_system("mueller_brown")
+    counter = EvaluationCounter()
+    backend = counted(mb.energy_backend(), counter, "labels")
+    assert counted(backend, counter, "labels") is backend  # never counted twice
+    assert isinstance(counted(backend, counter, "training"), CountingBackend)
+    backend.energies(torch.zeros(5, 2, dtype=torch.float64))
+    backend.energies_and_forces(torch.zeros(3, 2, dtype=torch.float64))
+    assert counter.as_dict() == {"labels": 8}
+    with pytest.raises(ValueError, match="counted as one of"):
+        CountingBackend(mb.energy_backend(), counter, "training_draws")
+    assert dynamics_evaluations(100, 4, start_evaluations=4) == 404
+    with pytest.raises(ValueError, match="negative"):
+        dynamics_evaluations(-1)

@@ -132,12 +132,12 @@ def test_aldp_evaluation_from_a_predict_callable(counts):
     assert out["kld_floor_std100"] == 0.004 and "dF_phi_pos_ref_stderr_kT" not in out
 
 
-def test_mueller_brown_metrics():
+def test_exact_pmf_metrics():
     s = np.linspace(-2.5, 1.1, 100)
     exact = 0.5 * (s + 1.0) ** 2
-    out = M.mueller_brown_metrics(exact + 3.0, exact, np.full(100, 0.2))
+    out = M.exact_pmf_metrics(exact + 3.0, exact, np.full(100, 0.2))
     assert out["max_abs_dF_kT"] < 1e-12 and abs(out["kld"]) < 1e-12
     assert out["max_std_kT"] == pytest.approx(0.2)
     bumped = exact + np.where(exact < 1.0, 0.0, 0.5)  # aligned at the minimum
-    out = M.mueller_brown_metrics(bumped, exact, np.zeros(100))
+    out = M.exact_pmf_metrics(bumped, exact, np.zeros(100))
     assert out["max_abs_dF_kT"] == pytest.approx(0.5) and out["kld"] > 0

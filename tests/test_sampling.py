@@ -9,7 +9,6 @@ from cgflow.sampling import (
     cg_walkers,
     farthest_point_selection,
     periodic_difference,
-    split_groups,
     split_points,
     spread,
     wrap,
@@ -286,13 +285,3 @@ def test_split_points():
     assert torch.equal(te, split_points(100, 0.2, seed=0)[1])
     assert not torch.equal(te, split_points(100, 0.2, seed=1)[1])
     assert split_points(3, 0.1, seed=0)[1].numel() == 1  # at least one test point
-
-
-def test_split_groups_keeps_groups_together():
-    groups = torch.arange(15).repeat_interleave(200)
-    tr, te = split_groups(groups, 0.2, seed=0)
-    assert sorted(torch.cat([tr, te]).tolist()) == list(range(3000))
-    assert not set(groups[tr].tolist()) & set(groups[te].tolist())
-    assert len(set(groups[te].tolist())) == 3 and te.numel() == 600
-    assert torch.equal(te, split_groups(groups, 0.2, seed=0)[1])
-    assert not torch.equal(te, split_groups(groups, 0.2, seed=5)[1])

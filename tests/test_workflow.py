@@ -18,11 +18,21 @@ import pytest
 REPO = Path(__file__).parents[1]
 CAMPAIGN = "results/mb_test"
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-ENV.pop("CGFLOW_FAIL_SHARD", None)
+#: what the workflow needs besides the package: its files and the torch-free config module
+WORKFLOW_FILES = (
+    "Snakefile",
+    "workflow",
+    "config",
+    "envs",
+    "profiles",
+    "data/baselines/speedup",
+    "src/cgflow/config.py",
+    "src/cgflow/config.schema.yaml",
+)
 
 
 def workdir(tmp: Path) -> Path:
-    for name in ("Snakefile", "workflow", "config", "envs", "profiles", "data/baselines/speedup"):
+    for name in WORKFLOW_FILES:
         src, dst = REPO / name, tmp / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
@@ -150,9 +160,26 @@ def test_forcerun_redoes_iteration_two_onward(complete_run):
     assert iterations <= {"iter_002", "iter_003"} and "iter_002" in iterations
 
 
+def failing_cgflow(folder: Path, shard: int) -> dict:
+    """An environment whose `cgflow` fails the energy job of one shard and runs the real
+    command otherwise (failure injection stays in the tests)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fake = folder / "cgflow"
+    real = Path(sys.executable).parent / "cgflow"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'case " $* " in *" wf energy "*"--shard {shard} "*)\n'
+        f'  echo "failure injected into energy shard {shard}" >&2; exit 1;;\n'
+        "esac\n"
+        f'exec "{real}" "$@"\n'
+    )
+    fake.chmod(0o755)
+    return {**ENV, "PATH": f"{folder}{os.pathsep}{ENV['PATH']}"}
+
+
 def test_failed_shard_reruns_only_that_shard(tmp_path, complete_run):
-    wd = workdir(tmp_path)
-    res = snakemake(wd, env={**ENV, "CGFLOW_FAIL_SHARD": "1"}, check=False)
+    wd = workdir(tmp_path / "wd")
+    res = snakemake(wd, env=failing_cgflow(tmp_path / "bin", 1), check=False)
     assert res.returncode != 0
     failed_log = wd / CAMPAIGN / "logs" / "energy" / "iter_001_shard_1.log"
     assert "failure injected into energy shard 1" in failed_log.read_text()
@@ -167,6 +194,22 @@ def test_failed_shard_reruns_only_that_shard(tmp_path, complete_run):
     snakemake(wd)
     assert all(p.stat().st_mtime_ns == t for p, t in done.items()), "a finished job was rerun"
     assert_same_summary(wd / CAMPAIGN / "summary.csv", complete_run / CAMPAIGN / "summary.csv")
+
+
+def test_in_process_runner_gives_the_workflow_summary(tmp_path, complete_run):
+    """One path: cgflow.campaign.run_campaign calls the rules' stage functions in the rules'
+    order with their seeds and backends, so the summary is the workflow's (counts exact,
+    metrics to rtol 1e-6), and Snakemake then finds nothing to do in its folder."""
+    import yaml
+
+    from cgflow.campaign import run_campaign
+
+    wd = workdir(tmp_path)
+    cfg = yaml.safe_load((wd / "config" / "test_mb.yaml").read_text())
+    root = run_campaign(cfg, wd / "results", log=lambda m: None)
+    assert_same_summary(root / "summary.csv", complete_run / CAMPAIGN / "summary.csv")
+    res = snakemake(wd, "-n", "--quiet", "rules")
+    assert "finetune" not in res.stdout and "energy" not in res.stdout, res.stdout
 
 
 def test_kill_and_resume_gives_the_same_summary(tmp_path, complete_run):

@@ -32,9 +32,8 @@ def validated(cfg: dict[str, Any]) -> dict[str, Any]:
 
     Raises ``ValueError`` naming the offending key or value.
     """
-    from snakemake.utils import validate
-
     from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
 
     out = copy.deepcopy(dict(cfg))
     try:

@@ -108,15 +108,6 @@ def phi_positive_fraction(phi: np.ndarray) -> float:
     return float(np.mean((phi > 0) & (phi < 2.2)))
 
 
-def phi_positive_fraction_from_counts(counts: np.ndarray, grid: Grid2D) -> float:
-    """φ > 0 population (0 < φ < 2.2 rad) from counts on an unshifted grid (bin centres)."""
-    if grid.shifted:
-        raise ValueError("use an unshifted grid for the φ > 0 population")
-    c = grid.centres
-    sel = (c > 0) & (c < 2.2)
-    return float(counts[sel].sum() / counts.sum())
-
-
 # ------------------------------------------------------------------------------ model on a grid
 def grid_values(predict: Callable[[Any], Any], points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Ensemble ``predict(s) -> (mean_kT, std_kT)`` at ``points`` ``[..., d]``, as float64 arrays

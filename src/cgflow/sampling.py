@@ -9,8 +9,7 @@ Method-spec §5.5 with flaws 7 and 8 of §8 fixed:
 * :func:`farthest_point_selection` is a greedy max-min selection with minimum-image distances for
   periodic coordinates, optionally staying away from points already in the dataset;
 * :func:`spread` scatters new CG points around each selected centre;
-* :func:`split_points` and :func:`split_groups` make train/test splits; the group-aware one keeps
-  all points spread from one centre on the same side.
+* :func:`split_points` makes random train/held-out splits.
 
 Coordinates: ``periodic[j]`` flags a periodic coordinate with period ``hi - lo`` of
 ``bounds[j] = (lo, hi)`` (radians for dihedrals), wrapped into ``[lo, hi)``. Without ``bounds``,
@@ -30,7 +29,6 @@ __all__ = [
     "cg_walkers",
     "farthest_point_selection",
     "periodic_difference",
-    "split_groups",
     "split_points",
     "spread",
     "wrap",
@@ -345,23 +343,3 @@ def split_points(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor,
     perm = torch.randperm(n, generator=gen)
     k = _n_test(n, test_fraction)
     return perm[k:].sort().values, perm[:k].sort().values
-
-
-def split_groups(
-    group_ids: torch.Tensor, test_fraction: float, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train/test split that keeps each group (e.g. points spread from one centre) on one side.
-
-    ``test_fraction`` is the fraction of *groups* sent to the test side, so test points are not
-    neighbours of training points from the same centre. Returns sorted int64 point indices.
-    """
-    g = torch.as_tensor(group_ids)
-    if g.ndim != 1:
-        raise ValueError(f"group_ids must be 1-D; got shape {tuple(g.shape)}")
-    groups, inverse = torch.unique(g, return_inverse=True)
-    gen = torch.Generator().manual_seed(int(seed))
-    perm = torch.randperm(groups.shape[0], generator=gen)
-    test_groups = torch.zeros(groups.shape[0], dtype=torch.bool)
-    test_groups[perm[: _n_test(groups.shape[0], test_fraction)]] = True
-    is_test = test_groups[inverse]
-    return (~is_test).nonzero().squeeze(1), is_test.nonzero().squeeze(1)
