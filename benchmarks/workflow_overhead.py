@@ -3,7 +3,7 @@
 Runs ``snakemake --profile profiles/local --configfile CONFIG`` in a fresh copy of the workflow
 (or, with ``--campaign-dir``, only reads a finished campaign and the wall time you give), then
 prints the wall time, the sum of the jobs' wall times (from their ``benchmark:`` files), their CPU
-time, and the overhead as defined in the workflow issue: wall time minus the sum of job times.
+time, and the overhead: wall time minus the sum of job times.
 On more than one core jobs overlap, so the overhead can be negative; the ratio wall / sum is
 printed too (baseline: the sum of job times measured in the same run).
 

@@ -199,3 +199,13 @@ def test_alanine_dipeptide_smoke(tmp_path):
     assert (p1["split"][60:] == 1).sum() == 10  # half of the 20 new points held out
     assert 0 < df["evals_labels"].iloc[1] <= 60 * 8  # every point, 8 draws, filtered by chirality
     assert df["evals_training"].iloc[1] <= df["evals_training_draws"].iloc[1]
+
+
+def test_cli_run_refuses_bad_overrides_by_name(capsys):
+    from cgflow.cli import main
+
+    args = ["run", "--configfile", str(REPO / "config" / "test_mb.yaml")]
+    assert main([*args, "--config", "max_iterations"]) == 2
+    assert "use KEY=VALUE" in capsys.readouterr().err
+    assert main([*args, "--config", "max_iterations=0"]) == 2
+    assert "max_iterations" in capsys.readouterr().err

@@ -208,8 +208,8 @@ def test_in_process_runner_gives_the_workflow_summary(tmp_path, complete_run):
     cfg = yaml.safe_load((wd / "config" / "test_mb.yaml").read_text())
     root = run_campaign(cfg, wd / "results", log=lambda m: None)
     assert_same_summary(root / "summary.csv", complete_run / CAMPAIGN / "summary.csv")
-    res = snakemake(wd, "-n", "--quiet", "rules")
-    assert "finetune" not in res.stdout and "energy" not in res.stdout, res.stdout
+    res = snakemake(wd, "-n")
+    assert "Nothing to be done" in res.stdout + res.stderr, res.stdout[-2000:]
 
 
 def test_kill_and_resume_gives_the_same_summary(tmp_path, complete_run):

@@ -222,7 +222,7 @@ def run_campaign(
         if select.read_status(status)["converged"]:
             break
     summary_csv, convergence = root / "summary.csv", root / "convergence.png"
-    inputs = summary_inputs(root, last, n_shards)
+    inputs = cfgmod.summary_files(root, last, n_shards)
     files = [inputs["start"], *[p for key, v in inputs.items() if key != "start" for p in v]]
     job(
         "summary",
@@ -261,25 +261,3 @@ def run_campaign(
             out,
         )
     return root
-
-
-def summary_inputs(root: Path, last: int, n_shards: int) -> dict[str, Any]:
-    """The files the summary of iterations 1..``last`` reads (the workflow declares the same)."""
-    its = range(1, last + 1)
-
-    def each(name: str, ks: Any = its) -> list[Path]:
-        return [Path(iteration_file(root, k, name)) for k in ks]
-
-    return {
-        "start": Path(iteration_file(root, 0, "start.h5")),
-        "points": each("points.h5", range(last + 1)),
-        "train": each("train.h5"),
-        "energies": [
-            Path(shard_file(root, k, "energies", j)) for k in its for j in range(n_shards)
-        ],
-        "metrics": each("metrics.json"),
-        "status": each("status.json"),
-        "benchmarks": [
-            Path(p) for k in range(last + 1) for p in cfgmod.iteration_benchmarks(root, k, n_shards)
-        ],
-    }

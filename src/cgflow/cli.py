@@ -139,6 +139,7 @@ def cmd_wf(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(int(os.environ.get("CGFLOW_TORCH_THREADS", "1")))
+    from . import config as cfgmod
     from .stages import ensemble, evaluate, labels, report, select, start, train
     from .stages.settings import Settings, write_snapshot
 
@@ -171,16 +172,10 @@ def cmd_wf(args: argparse.Namespace) -> int:
         ),
         "summary": lambda: report.summary(
             st,
-            a.start,
-            a.points,
-            a.train,
-            a.energies,
-            a.metrics,
-            a.status,
-            a.out,
-            a.out_plot,
-            a.benchmarks,
-            a.baselines,
+            **cfgmod.summary_files(a.campaign_dir, a.iterations, st["energy"]["shards"]),
+            out=a.out,
+            plot_out=a.out_plot,
+            baselines=a.baselines,
         ),
     }
     calls[args.step]()
@@ -290,16 +285,10 @@ def _add_wf(sub: argparse._SubParsersAction) -> None:
         ("--structures", {"type": int, "required": True, "help": "structures per point"}),
         ("--out-dir", req),
     )
-    files = {"type": P, "nargs": "*", "default": []}
     step(
         "summary",
-        ("--start", req),
-        ("--points", {**files, "help": "points of iterations 0..n, in order"}),
-        ("--train", {**files, "help": "train.h5 of iterations 1..n"}),
-        ("--energies", {**files, "help": "every energy shard of iterations 1..n"}),
-        ("--metrics", {**files, "help": "metrics.json of iterations 1..n, in order"}),
-        ("--status", {**files, "help": "status.json of iterations 1..n, in order"}),
-        ("--benchmarks", {**files, "help": "benchmark files of the iterations' jobs"}),
+        ("--campaign-dir", {**req, "help": "results/<campaign>"}),
+        ("--iterations", {"type": int, "required": True, "help": "last iteration n"}),
         ("--out", req),
         ("--out-plot", {"type": P, "default": None, "help": "convergence curves (PNG)"}),
         ("--baselines", {"type": P, "default": None, "help": "baseline points (CSV) to draw"}),

@@ -67,12 +67,12 @@ def needs_previous_labels(cfg: dict[str, Any], k: int) -> bool:
 
 
 def stop_settings(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The convergence settings of `check`: iteration limit and the optional metric rule."""
-    stop = cfg.get("stop") or {}
+    """The convergence settings of `check` (of a validated config): iteration limit and the
+    optional metric rule."""
     return {
         "max_iterations": int(cfg["max_iterations"]),
-        "stop_metric": stop.get("metric"),
-        "stop_threshold": stop.get("threshold"),
+        "stop_metric": cfg["stop"]["metric"],
+        "stop_threshold": cfg["stop"]["threshold"],
     }
 
 
@@ -130,3 +130,19 @@ def iteration_benchmarks(root: str | Path, k: int, shards: int) -> list[str]:
         else:
             out.append(benchmark_file(root, rule, k))
     return out
+
+
+def summary_files(root: str | Path, last: int, shards: int) -> dict[str, Any]:
+    """Every file the summary of iterations 1..``last`` reads — the rule's declared inputs and
+    the in-process runner's: the start file, points of 0..last, and per iteration its train,
+    energy shards, metrics, status and every job's benchmark file."""
+    its = range(1, last + 1)
+    return {
+        "start": iteration_file(root, 0, "start.h5"),
+        "points": [iteration_file(root, k, "points.h5") for k in range(last + 1)],
+        "train": [iteration_file(root, k, "train.h5") for k in its],
+        "energies": [shard_file(root, k, "energies", j) for k in its for j in range(shards)],
+        "metrics": [iteration_file(root, k, "metrics.json") for k in its],
+        "status": [iteration_file(root, k, "status.json") for k in its],
+        "benchmarks": [b for k in range(last + 1) for b in iteration_benchmarks(root, k, shards)],
+    }

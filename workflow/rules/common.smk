@@ -204,36 +204,31 @@ def last_iteration(campaign):
 
 
 def summary_inputs(wildcards):
-    """Every file the aggregator reads, for iterations 1..N found by the walk: points (0..N),
-    train, every energy shard, metrics, status and every job's benchmark file. The summary
-    reads nothing else (a stale shard of an earlier run in the same folder is not counted).
-    """
+    """Every file the aggregator reads, for iterations 1..N found by the walk
+    (cgflow.config.summary_files, which the summary step reads too): points (0..N), train,
+    every energy shard, metrics, status and every job's benchmark file; nothing else is read,
+    so a stale shard of an earlier run in the same folder is not counted."""
     campaign = wildcards.campaign
     n = last_iteration(campaign)
-    its = range(1, n + 1)
-    root = campaign_dir(campaign)
-
-    def each(name, ks=its):
-        return [iteration_file(campaign, k, name) for k in ks]
-
-    inputs = {
-        "start": iteration_file(campaign, 0, "start.h5"),
-        "points": each("points.h5", range(n + 1)),
-        "train": each("train.h5"),
-        "energies": [
-            cgconfig.shard_file(root, k, "energies", j) for k in its for j in SHARDS
-        ],
-        "metrics": each("metrics.json"),
-        "status": each("status.json"),
-        "benchmarks": [
-            b
-            for k in range(n + 1)
-            for b in cgconfig.iteration_benchmarks(root, k, len(SHARDS))
-        ],
-    }
+    inputs = cgconfig.summary_files(campaign_dir(campaign), n, len(SHARDS))
     if config.get("baselines"):
         inputs["baselines"] = config["baselines"]
     return inputs
+
+
+def campaign_folder(wildcards):
+    """results/<campaign>, for `cgflow wf summary --campaign-dir`."""
+    return campaign_dir(wildcards.campaign)
+
+
+def summary_iterations(wildcards, input):
+    """N, the last iteration found by the walk (= number of status files in the input).
+    While the walk waits for a checkpoint, the input is only that checkpoint's placeholder;
+    the job is rebuilt (and this re-evaluated) after the checkpoint has run.
+    """
+    if "status" not in input.keys():
+        return "<TBD>"
+    return len(input.status)
 
 
 def baselines_option(wildcards, input):

@@ -43,12 +43,12 @@ rule summary:
     conda:
         "../../envs/cgflow.yaml"
     params:
+        campaign_dir=campaign_folder,
+        n=summary_iterations,
         baselines=baselines_option,
     shell:
-        "cgflow wf summary --config {input.cfg} --start {input.start}"
-        " --points {input.points} --train {input.train} --energies {input.energies}"
-        " --metrics {input.metrics} --status {input.status}"
-        " --benchmarks {input.benchmarks} --out {output.table} --out-plot {output.plot}"
+        "cgflow wf summary --config {input.cfg} --campaign-dir {params.campaign_dir}"
+        " --iterations {params.n} --out {output.table} --out-plot {output.plot}"
         " {params.baselines} > {log} 2>&1"
 
 
