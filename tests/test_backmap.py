@@ -53,7 +53,13 @@ def test_system_without_topology_and_bad_names_fail(tmp_path):
 
     mb = get_system("mueller_brown")
     save_flow(build_flow(mb, cond_mean=[-2.0], cond_std=[0.3]), tmp_path / "f.pt")
-    st = Settings({"seed": 0, "system": {"name": "mueller_brown", "options": {}}})
+    st = Settings(
+        {
+            "seed": 0,
+            "system": {"name": "mueller_brown", "options": {}},
+            "energy": {"backend": "torch"},
+        }
+    )
     with pytest.raises(ValueError, match="no all-atom topology"):
         backmap(st, tmp_path / "f.pt", {"a": [0.0]}, 2, tmp_path)
     with pytest.raises(ValueError, match="letters, digits"):

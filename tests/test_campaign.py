@@ -21,7 +21,7 @@ MINIMA = (-2.014, -0.502, 0.578)  # exact PMF minima (method-spec §1.5)
 def shipped(name: str, **overrides) -> dict:
     cfg = yaml.safe_load((REPO / "config" / name).read_text())
     for key, value in overrides.items():
-        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     return cfg
 
 
