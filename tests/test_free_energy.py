@@ -303,3 +303,37 @@ def test_non_finite_batches_are_skipped_per_member():
     assert hist["n_skipped"] > 0
     mean, std = ens.predict(s)
     assert torch.isfinite(mean).all() and torch.isfinite(std).all()
+
+
+def test_pooled_draws_of_two_proposals_are_unbiased_and_a_wrong_combination_is_caught():
+    """Target exp(−x²/2), Z = sqrt(2π); draws from two different Gaussians (two "flows").
+    Pooling the weights (draw-count weighting) is unbiased for Z; averaging the two labels F
+    (a geometric mean of the Z estimates) is not, and the test sees it."""
+    from cgflow.free_energy import WeightSums
+
+    gen = torch.Generator().manual_seed(0)
+    R, d1, d2 = 20_000, 8, 24
+    Z = math.sqrt(2 * math.pi)
+
+    def log_w(n, mu, sigma):
+        x = mu + sigma * torch.randn(R, n, generator=gen, dtype=torch.float64)
+        log_q = -0.5 * ((x - mu) / sigma) ** 2 - math.log(sigma * math.sqrt(2 * math.pi))
+        return -0.5 * x**2 - log_q
+
+    a, b = log_w(d1, 0.0, 1.5), log_w(d2, 0.4, 0.9)
+    pooled = WeightSums.from_log_weights(a) + WeightSums.from_log_weights(b)
+    z_hat = torch.exp(-pooled.labels().F_kT)
+    err = (z_hat.mean() - Z) / (z_hat.std() / math.sqrt(R))
+    assert abs(float(err)) < 4.0
+    # the sums are exactly those of all draws at once
+    both = WeightSums.from_log_weights(torch.cat([a, b], dim=1)).labels()
+    torch.testing.assert_close(pooled.labels().F_kT, both.F_kT)
+    assert int(pooled.n_draws[0]) == d1 + d2
+    # the standard error (RMS over replicates) matches the spread of F (within 15 %)
+    F, se = pooled.labels().F_kT, pooled.labels().se_kT
+    assert abs(float(se.pow(2).mean().sqrt()) / float(F.std()) - 1) < 0.15
+    # deliberately wrong: the mean of the two labels
+    wrong = 0.5 * (pmf_labels(a).F_kT + pmf_labels(b).F_kT)
+    z_wrong = torch.exp(-wrong)
+    err_wrong = (z_wrong.mean() - Z) / (z_wrong.std() / math.sqrt(R))
+    assert abs(float(err_wrong)) > 8.0

@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from cgflow.config import needs_previous_labels
 from cgflow.data import read_h5
 from cgflow.stages import ensemble, evaluate, labels, report, select, start, train
 from cgflow.stages.settings import Settings, write_snapshot
@@ -95,7 +96,8 @@ def run_iteration(st, root, k, n_shards=1, max_iterations=1):
     for j in range(n_shards):
         labels.sample(st, k, it / "flow.pt", prev / "points.h5", j, n_shards, samples[j])
         labels.energy(st, samples[j], j, energies[j])
-    labels.gather(st, k, prev / "points.h5", samples, energies, it / "labels.h5")
+    previous = prev / "labels.h5" if needs_previous_labels(st.cfg, k) else None
+    labels.gather(st, k, prev / "points.h5", samples, energies, it / "labels.h5", previous)
     ensemble.ensemble(st, k, it / "labels.h5", it / "ensemble.pt")
     evaluate.evaluate(
         st,
@@ -314,29 +316,14 @@ def _aldp_points(st, tmp_path):
 
 def _labels_file(st, path, s, f, split):
     from cgflow.data import write_h5
+    from cgflow.stages.labels import LABEL_UNITS
 
     n = len(s)
-    write_h5(
-        path,
-        "labels",
-        {
-            "s": s,
-            "point_index": torch.arange(n),
-            "split": split,
-            "F_kT": f,
-            "ess": torch.full((n,), 10.0, dtype=torch.float64),
-            "n_valid": torch.full((n,), 16),
-        },
-        {
-            "s": st.cg_units,
-            "point_index": "1",
-            "split": "1",
-            "F_kT": "kT",
-            "ess": "1",
-            "n_valid": "1",
-        },
-        st.provenance(1),
-    )
+    full = torch.full((n,), 16)
+    arrays = {"s": s, "point_index": torch.arange(n), "split": split, "F_kT": f}
+    arrays.update(se_kT=torch.full((n,), 0.1, dtype=torch.float64), n_valid=full, n_draws=full)
+    arrays.update(ess=torch.full((n,), 10.0, dtype=torch.float64), log_sum_w=-f, log_sum_w2=-f)
+    write_h5(path, "labels", arrays, {**LABEL_UNITS, "s": st.cg_units}, st.provenance(1))
 
 
 def test_evaluate_alanine_dipeptide_against_the_reference(tmp_path, aldp):
@@ -477,3 +464,38 @@ def test_grid_mode_trains_on_a_fixed_grid_without_walkers(tmp_path):
         assert len(w["points"]) == 0 and w.attrs["grid_mode"] and not w.attrs["exhausted"]
         np.testing.assert_array_equal(read_h5(it / "points.h5", "points")["s"], p0["s"])
         assert status["reason"] == ("continue" if k == 1 else "max iterations")
+
+
+def test_pooled_labels_combine_every_iterations_draws(tmp_path):
+    """`labels.pool_draws`: iteration 2's label of a point is −log of the mean weight over its
+    draws of iterations 1 and 2 (two flows), from running sums; new points have one round."""
+    import math
+
+    from cgflow.training import log_weights
+
+    cfg = json.loads(json.dumps(CFG))
+    cfg["labels"]["pool_draws"] = True
+    st = Settings.load(write_snapshot(cfg, tmp_path / "config.yaml"))
+    run_iteration_zero(st, tmp_path)
+    for k in (1, 2):
+        run_iteration(st, tmp_path, k, max_iterations=2)
+    lab = read_h5(tmp_path / "iter_002" / "labels.h5", "labels")
+    old = lab["point_index"] < 40
+    assert (lab["n_draws"][old] == 32).all() and (lab["n_draws"][~old] == 16).all()
+    weights = {}
+    for k in (1, 2):
+        sd = read_h5(tmp_path / f"iter_{k:03d}" / "samples" / "shard_0.h5", "samples")
+        ed = read_h5(tmp_path / f"iter_{k:03d}" / "energies" / "shard_0.h5", "energies")
+        lw = log_weights(torch.as_tensor(ed["log_p"]), torch.as_tensor(sd["log_q"]), sd["kept"])
+        for i, w in zip(sd["point_index"], lw.tolist(), strict=True):
+            weights.setdefault(int(i), []).append(w)
+    for r, i in enumerate(lab["point_index"]):
+        w = torch.tensor(weights[int(i)], dtype=torch.float64)
+        assert len(w) == lab["n_draws"][r]
+        want = math.log(len(w)) - float(torch.logsumexp(w, 0))
+        assert lab["F_kT"][r] == pytest.approx(want, abs=1e-9)
+    assert np.isfinite(lab["se_kT"]).all() and (lab["se_kT"] > 0).all()
+    bad = json.loads(json.dumps(cfg))
+    bad["labels"]["clip_top_k"] = 3
+    with pytest.raises(ValueError, match="clip_top_k"):
+        Settings(bad)

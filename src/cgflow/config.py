@@ -61,9 +61,15 @@ def relabels_all(cfg: dict[str, Any]) -> bool:
     return bool(cfg["labels"]["relabel_all"])
 
 
+def pools_draws(cfg: dict[str, Any]) -> bool:
+    """Do a point's labels combine the draws of every iteration (running sums of weights)?"""
+    return bool(cfg["labels"]["pool_draws"])
+
+
 def needs_previous_labels(cfg: dict[str, Any], k: int) -> bool:
-    """Does iteration k's labels file build on iteration k − 1's?"""
-    return not relabels_all(cfg) and k >= 2
+    """Does iteration k's labels file build on iteration k − 1's (carried-over labels, or the
+    running sums of pooled draws)?"""
+    return (not relabels_all(cfg) or pools_draws(cfg)) and k >= 2
 
 
 def stop_settings(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -33,7 +33,14 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-__all__ = ["FreeEnergyEnsemble", "LabelResult", "cap_labels", "fit_ensemble", "pmf_labels"]
+__all__ = [
+    "FreeEnergyEnsemble",
+    "LabelResult",
+    "WeightSums",
+    "cap_labels",
+    "fit_ensemble",
+    "pmf_labels",
+]
 
 
 # ------------------------------------------------------------------------------------------ labels
@@ -47,6 +54,9 @@ class LabelResult:
     ess: torch.Tensor
     #: number of accepted (finite-weight) draws per point, int64
     n_valid: torch.Tensor
+    #: standard error of F (kT, delta method: ``sqrt((D/ESS − 1)/(D − 1))``); inf where all
+    #: draws were rejected, NaN with a single draw
+    se_kT: torch.Tensor
 
     @property
     def finite(self) -> torch.Tensor:
@@ -81,10 +91,56 @@ def pmf_labels(log_w: torch.Tensor, clip_top_k: int = 0) -> LabelResult:
         level = top.gather(1, k[:, None])  # -inf for points without an accepted draw
         lw = torch.minimum(lw, level)
     lse = torch.logsumexp(lw, dim=1)  # -inf where all rejected
-    F = math.log(lw.shape[1]) - lse
-    ess = torch.exp(2.0 * lse - torch.logsumexp(2.0 * lw, dim=1))
-    ess = torch.where(n_valid > 0, ess, torch.zeros_like(ess))
-    return LabelResult(F_kT=F, ess=ess, n_valid=n_valid)
+    n = torch.full_like(n_valid, lw.shape[1])
+    return WeightSums(lse, torch.logsumexp(2.0 * lw, dim=1), n, n_valid).labels()
+
+
+@dataclass(frozen=True)
+class WeightSums:
+    """Running sums of the importance weights of each CG point, in log space.
+
+    ``Σ w`` over all draws made for a point — by any number of flows, in any number of
+    iterations — divided by the total number of draws ``D`` is an unbiased estimate of
+    exp(−F): each draw's weight is, whatever flow drew it, and the combination weights
+    (draw counts) do not depend on the draws' values. ``Σ w²`` gives the ESS and the standard
+    error. The cost of keeping them does not grow with the history.
+    """
+
+    log_sum_w: torch.Tensor  #: log Σ w per point (−inf: no accepted draw), float64
+    log_sum_w2: torch.Tensor  #: log Σ w² per point, float64
+    n_draws: torch.Tensor  #: draws D per point, rejected ones included, int64
+    n_valid: torch.Tensor  #: accepted draws per point, int64
+
+    @classmethod
+    def from_log_weights(cls, log_w: torch.Tensor) -> WeightSums:
+        """Sums of ``[P, D]`` log-weights (non-finite entries are rejected draws, weight 0)."""
+        lw = torch.as_tensor(log_w).to(torch.float64)
+        if lw.ndim != 2:
+            raise ValueError(f"log_w must have shape [P, D]; got {tuple(lw.shape)}")
+        lw = torch.where(torch.isfinite(lw), lw, torch.full_like(lw, -math.inf))
+        n = torch.full((lw.shape[0],), lw.shape[1], dtype=torch.int64)
+        valid = torch.isfinite(lw).sum(dim=1)
+        return cls(torch.logsumexp(lw, dim=1), torch.logsumexp(2.0 * lw, dim=1), n, valid)
+
+    def __add__(self, other: WeightSums) -> WeightSums:
+        """The sums of both sets of draws (point by point)."""
+        return WeightSums(
+            torch.logaddexp(self.log_sum_w, other.log_sum_w),
+            torch.logaddexp(self.log_sum_w2, other.log_sum_w2),
+            self.n_draws + other.n_draws,
+            self.n_valid + other.n_valid,
+        )
+
+    def labels(self) -> LabelResult:
+        """``F = log D − log Σ w`` (kT), ESS ``(Σw)²/Σw²`` and the standard error of F."""
+        D = self.n_draws.to(torch.float64)
+        F = torch.log(D) - self.log_sum_w
+        accepted = torch.isfinite(self.log_sum_w)
+        ess = torch.exp(2.0 * self.log_sum_w - self.log_sum_w2)
+        ess = torch.where(accepted, ess, torch.zeros_like(ess))
+        rel_var = torch.clamp(D / ess - 1.0, min=0.0) / (D - 1.0)
+        se = torch.where(accepted, torch.sqrt(rel_var), torch.full_like(D, math.inf))
+        return LabelResult(F_kT=F, ess=ess, n_valid=self.n_valid, se_kT=se)
 
 
 # ---------------------------------------------------------------------------------------- ensemble

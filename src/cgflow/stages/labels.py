@@ -4,6 +4,7 @@ F(s) = −log (1/D) Σ w over D draws per point with their ESS (``labels.h5``)."
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from .. import config as cfgmod
 from ..data import read_h5, write_h5
 from ..energy.counting import EvaluationCounter
+from ..free_energy import WeightSums
 from .points import read_points
 from .settings import Settings
 
@@ -107,8 +109,9 @@ def gather(
         raise ValueError(f"{len(samples)} sample shards but {len(energies)} energy shards")
     if cfgmod.needs_previous_labels(st.cfg, iteration) != (previous_labels is not None):
         raise ValueError(
-            f"iteration {iteration}: labels.relabel_all is {st['labels']['relabel_all']}, so the "
-            f"previous labels file must {'' if previous_labels is None else 'not '}be given"
+            f"iteration {iteration}: with labels.relabel_all {st['labels']['relabel_all']} and "
+            f"labels.pool_draws {st['labels']['pool_draws']} the previous labels file must "
+            f"{'' if previous_labels is None else 'not '}be given"
         )
     p = read_points(points_in)
     draws = int(st["labels"]["draws"])
@@ -123,32 +126,81 @@ def gather(
         idx_all.append(torch.as_tensor(sd["point_index"]))
     idx, lw = torch.cat(idx_all), torch.cat(lw_all)
     points = idx.reshape(-1, draws)[:, 0] if len(idx) else idx
-    res = pmf_labels(lw.reshape(-1, draws), clip_top_k=int(st["labels"]["clip_top_k"]))
+    lw = lw.reshape(-1, draws)
+    clip = int(st["labels"]["clip_top_k"])
+    sums = WeightSums.from_log_weights(lw)
+    res = pmf_labels(lw, clip_top_k=clip)
+    if previous_labels is not None and cfgmod.pools_draws(st.cfg):
+        sums = sums + _previous_sums(read_labels(previous_labels), points)
+        res = sums.labels()
     new = {
         "s": p["s"][points],
         "point_index": points,
         "split": p["split"][points],
         "F_kT": res.F_kT,
+        "se_kT": res.se_kT,
         "ess": res.ess,
         "n_valid": res.n_valid,
+        "n_draws": sums.n_draws,
+        "log_sum_w": sums.log_sum_w,
+        "log_sum_w2": sums.log_sum_w2,
     }
-    if previous_labels is not None:
-        prev = read_h5(previous_labels, "labels")
-        new = {k: torch.cat([torch.as_tensor(prev[k]), v]) for k, v in new.items()}
-    units = {"s": st.cg_units, "point_index": "1", "split": "1", "F_kT": "kT", "ess": "1"}
+    if previous_labels is not None and not cfgmod.pools_draws(st.cfg):  # carried over
+        prev = read_labels(previous_labels)
+        new = {k: torch.cat([prev[k], v]) for k, v in new.items()}
     write_h5(
         out,
         "labels",
         new,
-        {**units, "n_valid": "1"},
+        {**LABEL_UNITS, "s": st.cg_units},
         st.provenance(iteration),
-        attrs={"draws_per_point": draws, "clip_top_k": int(st["labels"]["clip_top_k"])},
+        attrs={
+            "draws_per_point": draws,
+            "clip_top_k": clip,
+            "pool_draws": cfgmod.pools_draws(st.cfg),
+        },
     )
+
+
+#: datasets of a labels file and their units (``s``: the CG units of the system)
+LABEL_UNITS = {
+    "s": "",
+    "point_index": "1",
+    "split": "1",
+    "F_kT": "kT",
+    "se_kT": "kT",
+    "ess": "1",
+    "n_valid": "1",
+    "n_draws": "1",
+    "log_sum_w": "nat",
+    "log_sum_w2": "nat",
+}
+
+
+def _previous_sums(prev: dict[str, torch.Tensor], points: torch.Tensor) -> WeightSums:
+    """The running sums of ``prev`` at ``points`` (zero draws for points it does not have)."""
+    n = len(points)
+    log_w = torch.full((n,), -math.inf, dtype=torch.float64)
+    log_w2, n_draws, n_valid = (
+        log_w.clone(),
+        torch.zeros(n, dtype=torch.int64),
+        torch.zeros(n, dtype=torch.int64),
+    )
+    row = {int(i): r for r, i in enumerate(prev["point_index"])}
+    missing = set(row) - {int(i) for i in points}
+    if missing:
+        raise ValueError(
+            f"pooled labels: points {sorted(missing)[:5]} of the previous labels were not drawn again"
+        )
+    for r, i in enumerate(points.tolist()):
+        if i in row:
+            j = row[i]
+            log_w[r], log_w2[r] = prev["log_sum_w"][j], prev["log_sum_w2"][j]
+            n_draws[r], n_valid[r] = prev["n_draws"][j], prev["n_valid"][j]
+    return WeightSums(log_w, log_w2, n_draws, n_valid)
 
 
 def read_labels(path: Any) -> dict[str, torch.Tensor]:
     """The datasets of a labels file as tensors."""
     d = read_h5(path, "labels")
-    return {
-        k: torch.as_tensor(d[k]) for k in ("s", "point_index", "split", "F_kT", "ess", "n_valid")
-    }
+    return {k: torch.as_tensor(d[k]) for k in LABEL_UNITS}
