@@ -84,3 +84,22 @@ def test_evaluation_counter():
         c.add("stuff", 1)
     with pytest.raises(ValueError, match=">= 0"):
         c.add("labels", -1)
+
+
+def test_minimisation_does_not_depend_on_the_blas_threads(aldp):
+    """The same minimum and count whether the caller runs BLAS on one thread (a Snakemake job)
+    or on every core (an interactive process)."""
+    from threadpoolctl import threadpool_limits
+
+    from cgflow.energy.minimize import minimize_energy
+    from cgflow.energy.openmm_backend import OpenMMEnergy
+
+    results = []
+    for threads in (1, 2):
+        with (
+            threadpool_limits(limits=threads, user_api="blas"),
+            OpenMMEnergy(aldp.openmm_system, platform="Reference") as backend,
+        ):
+            results.append(minimize_energy(backend, aldp.positions_nm, gtol=1e-2))
+    assert results[0].n_evaluations == results[1].n_evaluations
+    assert (results[0].x == results[1].x).all()

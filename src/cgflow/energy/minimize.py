@@ -3,7 +3,10 @@
 OpenMM's ``LocalEnergyMinimizer`` does not report how many energy evaluations it made, and the
 counting rule of a campaign needs that number, so minimisation runs scipy's L-BFGS-B on the
 backend's ``energies_and_forces`` through :class:`~cgflow.energy.counting.CountingBackend` and
-returns the exact count.
+returns the exact count. BLAS runs on one thread inside (threadpoolctl): L-BFGS-B's sums
+otherwise depend on the number of BLAS threads, so the same structure would minimise to a
+slightly different minimum, with another count, in a Snakemake job (one thread) and in an
+interactive process.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
 
 from .base import EnergyBackend
 from .counting import CountingBackend, EvaluationCounter
@@ -46,13 +50,14 @@ def minimize_energy(
             return np.inf, np.zeros_like(flat)
         return float(u[0]), -f.reshape(-1)
 
-    res = minimize(
-        fun,
-        x0.reshape(-1),
-        jac=True,
-        method="L-BFGS-B",
-        options={"gtol": gtol, "maxiter": max_iterations, "ftol": 0.0, "maxcor": 30},
-    )
+    with threadpool_limits(limits=1, user_api="blas"):
+        res = minimize(
+            fun,
+            x0.reshape(-1),
+            jac=True,
+            method="L-BFGS-B",
+            options={"gtol": gtol, "maxiter": max_iterations, "ftol": 0.0, "maxcor": 30},
+        )
     return MinimisationResult(
         x=res.x.reshape(shape),
         energy=float(res.fun),
