@@ -122,7 +122,7 @@ def cmd_wf(args: argparse.Namespace) -> int:
     """Workflow steps: parse, then call the stage function of :mod:`cgflow.stages`."""
     import os
 
-    if args.step == "check":  # needs neither torch nor the configuration
+    if args.step == "check":  # needs no configuration
         from .stages.select import check
 
         status = check(
