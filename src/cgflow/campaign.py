@@ -70,15 +70,17 @@ def run_campaign(
 ) -> Path:
     """Run (or resume) the campaign of ``config`` to convergence in ``<results>/<campaign>``;
     returns that folder (its ``summary.csv`` is the workflow's)."""
+    import yaml
+
     from .stages import ensemble, evaluate, labels, report, select, start, train
     from .stages.settings import Settings, write_snapshot
 
     cfg = cfgmod.validated(config)
     root = Path(cfgmod.campaign_dir(results, cfg["campaign"]))
+    st = Settings(cfg)
     snap = root / "config.yaml"
-    if not snap.exists() or Settings.load(snap).cfg != cfgmod.snapshot(cfg):
+    if not snap.exists() or yaml.safe_load(snap.read_text()) != st.cfg:
         write_snapshot(cfg, snap)
-    st = Settings.load(snap)
     job = _Runner(root, log).job
 
     def f(k: int, name: str) -> Path:

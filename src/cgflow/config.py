@@ -98,18 +98,14 @@ def shard_file(root: str | Path, k: int, folder: str, shard: int) -> str:
     return iteration_file(root, k, f"{folder}/shard_{shard}.h5")
 
 
-def benchmark_file(
-    root: str | Path, rule: str, k: int | None = None, shard: int | None = None
-) -> str:
-    """``<root>/benchmarks/<rule>/iter_<kkk>[_shard_<j>].tsv`` (``k=None``: ``<rule>.tsv``)."""
-    if k is None:
-        return f"{root}/benchmarks/{rule}/{rule}.tsv"
+def benchmark_file(root: str | Path, rule: str, k: int, shard: int | None = None) -> str:
+    """``<root>/benchmarks/<rule>/iter_<kkk>[_shard_<j>].tsv``"""
     tail = f"_shard_{shard}" if shard is not None else ""
     return f"{root}/benchmarks/{rule}/iter_{k:03d}{tail}.tsv"
 
 
 #: rules of iteration 0 and of every later iteration, in the order they run; sharded ones
-#: run once per energy shard. The in-process runner and the summary follow this list.
+#: run once per energy shard (the jobs whose benchmark files the summary reads).
 START_RULES = ("start", "pretrain", "initial_points")
 ITERATION_RULES = (
     "finetune",

@@ -90,9 +90,7 @@ def pmf_labels(log_w: torch.Tensor, clip_top_k: int = 0) -> LabelResult:
         k = n_valid.clamp(max=clip_top_k).clamp(min=1) - 1  # index of the clip level
         level = top.gather(1, k[:, None])  # -inf for points without an accepted draw
         lw = torch.minimum(lw, level)
-    lse = torch.logsumexp(lw, dim=1)  # -inf where all rejected
-    n = torch.full_like(n_valid, lw.shape[1])
-    return WeightSums(lse, torch.logsumexp(2.0 * lw, dim=1), n, n_valid).labels()
+    return WeightSums.from_log_weights(lw).labels()
 
 
 @dataclass(frozen=True)
@@ -117,10 +115,12 @@ class WeightSums:
         lw = torch.as_tensor(log_w).to(torch.float64)
         if lw.ndim != 2:
             raise ValueError(f"log_w must have shape [P, D]; got {tuple(lw.shape)}")
-        lw = torch.where(torch.isfinite(lw), lw, torch.full_like(lw, -math.inf))
+        valid = torch.isfinite(lw)
+        lw = torch.where(valid, lw, torch.full_like(lw, -math.inf))
         n = torch.full((lw.shape[0],), lw.shape[1], dtype=torch.int64)
-        valid = torch.isfinite(lw).sum(dim=1)
-        return cls(torch.logsumexp(lw, dim=1), torch.logsumexp(2.0 * lw, dim=1), n, valid)
+        return cls(
+            torch.logsumexp(lw, dim=1), torch.logsumexp(2.0 * lw, dim=1), n, valid.sum(dim=1)
+        )
 
     def __add__(self, other: WeightSums) -> WeightSums:
         """The sums of both sets of draws (point by point)."""

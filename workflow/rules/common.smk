@@ -135,11 +135,9 @@ def shard_files(folder):
     """Input function: every shard file `<folder>/shard_<j>.h5` of iteration k."""
 
     def all_shards(wildcards):
+        root = campaign_dir(wildcards.campaign)
         return [
-            iteration_file(
-                wildcards.campaign, iteration(wildcards), f"{folder}/shard_{j}.h5"
-            )
-            for j in SHARDS
+            cgconfig.shard_file(root, iteration(wildcards), folder, j) for j in SHARDS
         ]
 
     all_shards.__name__ = f"all_{folder}_shards"

@@ -129,10 +129,10 @@ def gather(
     lw = lw.reshape(-1, draws)
     clip = int(st["labels"]["clip_top_k"])
     sums = WeightSums.from_log_weights(lw)
-    res = pmf_labels(lw, clip_top_k=clip)
     if previous_labels is not None and cfgmod.pools_draws(st.cfg):
         sums = sums + _previous_sums(read_labels(previous_labels), points)
-        res = sums.labels()
+    # clipping biases the labels (never with pooled draws; the stored sums stay unclipped)
+    res = pmf_labels(lw, clip_top_k=clip) if clip else sums.labels()
     new = {
         "s": p["s"][points],
         "point_index": points,

@@ -11,15 +11,6 @@ from typing import Any
 from ..data import atomic_path, read_h5
 from .settings import Settings
 
-
-def _by_iteration(files: list[Any], kind: str) -> dict[int, list[Path]]:
-    out: dict[int, list[Path]] = {}
-    for f in files:
-        k = int(read_h5(f, kind, datasets=[]).attrs["iteration"])
-        out.setdefault(k, []).append(Path(f))
-    return out
-
-
 _BENCHMARK = re.compile(r"iter_(\d{3})(?:_shard_\d+)?\.tsv$")
 
 
@@ -69,21 +60,27 @@ def summary(
             f"summary of {n} iterations needs {n + 1} points files and {n} train and status "
             f"files; got {len(points)}, {len(train)} and {len(status)}"
         )
-    counted = {0: [("start", Path(start))]}
-    for kind, files in (("train", train), ("energies", energies)):
-        for k, fs in _by_iteration(files, kind).items():
-            if not 1 <= k <= n:
-                raise ValueError(f"{fs[0]}: a file of iteration {k}, outside 1..{n}")
-            counted.setdefault(k, []).extend((kind, f) for f in fs)
-    times = _wall_times(list(benchmarks))
     kinds = COUNTED_KINDS + UNCOUNTED_KINDS
+    per_iteration = [dict.fromkeys(kinds, 0) for _ in range(n + 1)]
+    its = range(1, n + 1)
+    for kind, files, allowed in (
+        ("start", [start], range(1)),
+        ("train", train, its),
+        ("energies", energies, its),
+    ):
+        for f in files:
+            d = read_h5(f, kind, datasets=[])
+            k = int(d.attrs["iteration"])
+            if k not in allowed:
+                raise ValueError(
+                    f"{f}: a {kind} file of iteration {k}, outside {allowed.start}..{allowed.stop - 1}"
+                )
+            for key, c in d.counters.items():
+                per_iteration[k][key] = per_iteration[k].get(key, 0) + c
+    times = _wall_times(list(benchmarks))
     cumulative = dict.fromkeys(kinds, 0)
     rows = []
-    for k in range(n + 1):
-        counts = dict.fromkeys(kinds, 0)
-        for kind, f in counted.get(k, []):
-            for key, c in read_h5(f, kind, datasets=[]).counters.items():
-                counts[key] = counts.get(key, 0) + c
+    for k, counts in enumerate(per_iteration):
         for key, c in counts.items():
             cumulative[key] = cumulative.get(key, 0) + c
         row: dict[str, Any] = {"iteration": k}

@@ -127,10 +127,10 @@ def check(
     config snapshot so that a campaign can be extended)."""
     if stop_metric is not None and stop_threshold is None:
         raise ValueError(f"stop metric {stop_metric!r} needs a threshold")
-    exhausted = read_h5(walkers_in, "walkers", datasets=["points"])
+    w = read_h5(walkers_in, "walkers", datasets=["points"])
     metrics = json.loads(Path(metrics_in).read_text())
     status = {"iteration": iteration, "converged": False, "reason": "continue"}
-    if exhausted.attrs["exhausted"] and len(exhausted["points"]) == 0:
+    if w.attrs["exhausted"] and len(w["points"]) == 0:
         status.update(converged=True, reason="walkers exhausted")
     elif stop_metric and metrics.get(stop_metric, math.inf) < stop_threshold:
         status.update(converged=True, reason=f"{stop_metric} < {stop_threshold}")

@@ -105,8 +105,6 @@ class Settings:
 
     def label_backend(self, counter: EvaluationCounter) -> tuple[CountingBackend, dict[str, Any]]:
         """The backend of the label energy batches, counted as ``labels``, and its options."""
-        from ..systems import AnalyticSystem
-
         e = self["energy"]
         kind = e["backend"]
         opts: dict[str, Any] = {}
@@ -114,11 +112,7 @@ class Settings:
             opts = {"platform": e["platform"], "n_workers": int(e["n_workers"])}
         elif kind == "torch":
             opts = {"dtype": getattr(torch, e["torch_dtype"])}
-        if isinstance(self.system, AnalyticSystem):
-            backend = self.system.energy_backend("torch", **opts)
-        else:
-            backend = self.system.energy_backend(kind, **opts)
-        return CountingBackend(backend, counter, "labels"), opts
+        return CountingBackend(self.system.energy_backend(kind, **opts), counter, "labels"), opts
 
 
 def write_snapshot(cfg: dict[str, Any], out: str | os.PathLike) -> Path:
