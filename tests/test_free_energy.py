@@ -337,3 +337,70 @@ def test_pooled_draws_of_two_proposals_are_unbiased_and_a_wrong_combination_is_c
     z_wrong = torch.exp(-wrong)
     err_wrong = (z_wrong.mean() - Z) / (z_wrong.std() / math.sqrt(R))
     assert abs(float(err_wrong)) > 8.0
+
+
+def test_weight_sums_of_ragged_draws():
+    """`from_draws` with any number of draws per point (none too) gives the per-point sums."""
+    from cgflow.free_energy import WeightSums
+
+    gen = torch.Generator().manual_seed(3)
+    counts = torch.tensor([3, 0, 1, 7])
+    point = torch.arange(4).repeat_interleave(counts)
+    lw = 50.0 * torch.randn(len(point), generator=gen, dtype=torch.float64)
+    lw[2] = -math.inf  # a rejected draw
+    sums = WeightSums.from_draws(point, lw, 4)
+    for i in range(4):
+        mine = lw[point == i]
+        if len(mine) == 0:
+            assert sums.n_draws[i] == 0 and sums.log_sum_w[i] == -math.inf
+            continue
+        assert sums.n_draws[i] == len(mine)
+        assert sums.n_valid[i] == int(torch.isfinite(mine).sum())
+        torch.testing.assert_close(sums.log_sum_w[i], torch.logsumexp(mine, 0))
+        torch.testing.assert_close(sums.log_sum_w2[i], torch.logsumexp(2 * mine, 0))
+    with pytest.raises(ValueError, match="indices"):
+        WeightSums.from_draws(point, lw, 3)
+
+
+def test_allocate_draws_goes_to_populated_points_with_large_errors():
+    from cgflow.free_energy import allocate_draws
+
+    F = torch.tensor([0.0, 1.0, 2.0, 12.0, 0.5, 20.0], dtype=torch.float64)
+    se = torch.tensor([0.3, 0.05, 0.2, 0.6, math.inf, math.inf], dtype=torch.float64)
+    n = torch.tensor([64, 64, 64, 64, 0, 0])
+    kw = dict(draws=64, target_se_kT=0.1, min_draws=8, max_draws=512, populated_kT=8.0)
+    c = allocate_draws(F, se, n, budget=64 * 6, **kw)
+    assert int(c.sum()) <= 64 * 6
+    assert c[1] == 8 and c[3] == 8 and c[5] == 8  # on target; high F (labelled or not)
+    assert c[0] > c[2] > 8 and c[4] > 8  # populated: larger error, more draws; new point
+    # a generous budget: exactly the draws that bring the error to the target (capped)
+    c = allocate_draws(F, se, n, budget=10_000, **kw)
+    assert c[0] == 512 and c[2] == math.ceil(64 * (4 - 1)) and c[4] == 64
+    with pytest.raises(ValueError, match="budget"):
+        allocate_draws(F, se, n, budget=40, **kw)
+
+
+def test_weighted_fit_ignores_down_weighted_labels_and_early_stopping_keeps_the_best():
+    s = torch.linspace(-2.0, 2.0, 200, dtype=torch.float64)[:, None]
+    F = s[:, 0] ** 2
+    bad = (s[:, 0] > 0.5) & (s[:, 0] < 1.0)
+    F_noisy = torch.where(bad, F + 4.0, F)
+    w = torch.where(bad, torch.full_like(F, 1e-4), torch.ones_like(F))
+    err = {}
+    for name, weights in (("uniform", None), ("weighted", w)):
+        ens = FreeEnergyEnsemble(3, [False], hidden=(32, 32), activation="silu")
+        ens.fit(s, F_noisy, epochs=300, lr=1e-2, batch_size=32, seed=0, weights=weights)
+        err[name] = float((ens.predict(s[bad])[0] - F[bad]).abs().mean())
+    assert err["weighted"] < 0.5 < 2.0 < err["uniform"]
+    ens = FreeEnergyEnsemble(3, [False], hidden=(32, 32), activation="silu")
+    h = ens.fit(s, F, epochs=400, lr=1e-2, batch_size=32, seed=0, patience=10)
+    n_run = len(h["test_loss"])
+    assert n_run < 400 and max(h["best_epoch"]) <= n_run
+    members = torch.tensor(h["test_loss_members"])  # [epochs, M]
+    best = members.min(dim=0).values
+    assert (members.argmin(dim=0) + 1).tolist() == h["best_epoch"]
+    with pytest.raises(ValueError, match="patience"):
+        ens.fit(s, F, epochs=5, lr=1e-2, batch_size=32, patience=0)
+    with pytest.raises(ValueError, match="weights"):
+        ens.fit(s, F, epochs=5, lr=1e-2, batch_size=32, weights=-torch.ones_like(F))
+    assert torch.isfinite(best).all()

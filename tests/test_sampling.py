@@ -146,6 +146,23 @@ def test_walkers_min_steps_and_exhausted():
         cg_walkers(spot, starts, (True, True), TORUS, 0.1, 0.5, n_wanted=4, max_steps=5)
 
 
+def test_mass_weighted_walkers_stop_only_where_an_error_costs_mass():
+    """σ = 0.5 everywhere; F̄ = 5|s|². Plain: every walker stops after min_steps wherever it is.
+    With T = 1 kT and threshold 0.3 a walker stops only where 0.5 exp(−F̄) > 0.3, F̄ < 0.51."""
+    field = Field(
+        lambda s: 5.0 * (s**2).sum(dim=1),
+        lambda s: torch.full((s.shape[0],), 0.5, dtype=s.dtype),
+    )
+    starts = torch.full((50, 2), 1.0, dtype=torch.float64)  # F̄ = 10 kT
+    kw = dict(n_wanted=20, max_steps=2000, min_steps=5, beta=0.2, seed=1)
+    plain = cg_walkers(field, starts, (True, True), TORUS, 0.1, 0.3, **kw)
+    assert (field(plain.points)[0] > 3.0).any()
+    mass = cg_walkers(field, starts, (True, True), TORUS, 0.1, 0.3, mass_temperature_kT=1.0, **kw)
+    assert not mass.exhausted and (field(mass.points)[0] < -math.log(0.6) + 1e-9).all()
+    with pytest.raises(ValueError, match="mass_temperature_kT"):
+        cg_walkers(field, starts, (True, True), TORUS, 0.1, 0.3, mass_temperature_kT=0.0, **kw)
+
+
 def test_walkers_wrap_across_the_seam():
     # start at φ = 3.0; std high only in φ ∈ [-3.0, -2.6]: reachable fast only through ±π
     field = Field(

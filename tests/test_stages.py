@@ -7,8 +7,9 @@ import pytest
 import torch
 import yaml
 
-from cgflow.config import needs_previous_labels
+from cgflow.config import allocates_draws, focuses_training, needs_previous_labels
 from cgflow.data import read_h5
+from cgflow.free_energy import FreeEnergyEnsemble
 from cgflow.stages import ensemble, evaluate, labels, report, select, start, train
 from cgflow.stages.settings import Settings, write_snapshot
 
@@ -90,11 +91,17 @@ def run_iteration(st, root, k, n_shards=1, max_iterations=1):
     """Iteration k through the stage functions, as the workflow's rules call them."""
     prev, it = root / f"iter_{k - 1:03d}", root / f"iter_{k:03d}"
     i0 = root / "iter_000"
-    train.finetune(st, k, prev / "flow.pt", prev / "points.h5", it / "flow.pt", it / "train.h5")
+    focus = [prev / "ensemble.pt"] if focuses_training(st.cfg, k) else []
+    train.finetune(
+        st, k, prev / "flow.pt", prev / "points.h5", it / "flow.pt", it / "train.h5", *focus
+    )
     samples = [it / "samples" / f"shard_{j}.h5" for j in range(n_shards)]
     energies = [it / "energies" / f"shard_{j}.h5" for j in range(n_shards)]
+    alloc = (
+        (prev / "ensemble.pt", prev / "labels.h5") if allocates_draws(st.cfg, k) else (None, None)
+    )
     for j in range(n_shards):
-        labels.sample(st, k, it / "flow.pt", prev / "points.h5", j, n_shards, samples[j])
+        labels.sample(st, k, it / "flow.pt", prev / "points.h5", j, n_shards, samples[j], *alloc)
         labels.energy(st, samples[j], j, energies[j])
     previous = prev / "labels.h5" if needs_previous_labels(st.cfg, k) else None
     labels.gather(st, k, prev / "points.h5", samples, energies, it / "labels.h5", previous)
@@ -323,6 +330,7 @@ def _labels_file(st, path, s, f, split):
     arrays = {"s": s, "point_index": torch.arange(n), "split": split, "F_kT": f}
     arrays.update(se_kT=torch.full((n,), 0.1, dtype=torch.float64), n_valid=full, n_draws=full)
     arrays.update(ess=torch.full((n,), 10.0, dtype=torch.float64), log_sum_w=-f, log_sum_w2=-f)
+    arrays.update(ess_iteration=torch.full((n,), 4.0, dtype=torch.float64), n_draws_iteration=full)
     write_h5(path, "labels", arrays, {**LABEL_UNITS, "s": st.cg_units}, st.provenance(1))
 
 
@@ -353,9 +361,12 @@ def test_evaluate_alanine_dipeptide_against_the_reference(tmp_path, aldp):
         "rmse_F_std36_kT",
         "heldout_rmse_kT",
         "label_ess_median",
+        "flow_ess_fraction",
+        "label_se_populated_kT",
     ):
         assert np.isfinite(m[key]), key
     assert m["n_heldout_labels"] == 10 and m["label_ess_median"] == 10.0
+    assert m["flow_ess_fraction"] == 0.25 and m["label_se_populated_kT"] == pytest.approx(0.1)
     assert json.loads((tmp_path / "m.json").read_text()) == m
     assert (tmp_path / "p.png").stat().st_size > 20_000
 
@@ -466,36 +477,77 @@ def test_grid_mode_trains_on_a_fixed_grid_without_walkers(tmp_path):
         assert status["reason"] == ("continue" if k == 1 else "max iterations")
 
 
-def test_pooled_labels_combine_every_iterations_draws(tmp_path):
+@pytest.mark.parametrize("allocate", [False, True])
+def test_pooled_labels_combine_every_iterations_draws(tmp_path, allocate):
     """`labels.pool_draws`: iteration 2's label of a point is −log of the mean weight over its
-    draws of iterations 1 and 2 (two flows), from running sums; new points have one round."""
+    draws of iterations 1 and 2 (two flows), from running sums; new points have one round.
+    With `labels.allocate` iteration 2's draw counts differ per point, within the budget."""
     import math
 
     from cgflow.training import log_weights
 
     cfg = json.loads(json.dumps(CFG))
     cfg["labels"]["pool_draws"] = True
+    cfg["labels"]["allocate"] = allocate
+    cfg["labels"]["min_draws"] = 4
+    cfg["labels"]["populated_kT"] = 0.5
+    cfg["energy_training"]["focus_populated"] = allocate
     st = Settings.load(write_snapshot(cfg, tmp_path / "config.yaml"))
     run_iteration_zero(st, tmp_path)
     for k in (1, 2):
-        run_iteration(st, tmp_path, k, max_iterations=2)
+        run_iteration(st, tmp_path, k, n_shards=2, max_iterations=2)
     lab = read_h5(tmp_path / "iter_002" / "labels.h5", "labels")
     old = lab["point_index"] < 40
-    assert (lab["n_draws"][old] == 32).all() and (lab["n_draws"][~old] == 16).all()
+    new = lab["n_draws_iteration"]
+    assert (lab["n_draws"][old] == 16 + new[old]).all() and (
+        lab["n_draws"][~old] == new[~old]
+    ).all()
+    tr = read_h5(tmp_path / "iter_002" / "train.h5", "train").attrs
+    assert tr["focus_populated"] is allocate
+    if allocate:
+        assert len(np.unique(new)) > 1 and new.min() >= 4 and new.sum() <= 16 * len(new)
+        # fine-tuning trains only at the points iteration 1's ensemble predicts populated
+        i1 = tmp_path / "iter_001"
+        s1 = torch.as_tensor(read_h5(i1 / "points.h5", "points")["s"])
+        is_train = torch.as_tensor(read_h5(i1 / "points.h5", "points")["split"] == 0)
+        F1, _ = FreeEnergyEnsemble.load(i1 / "ensemble.pt").predict(s1)
+        narrow = json.loads(json.dumps(cfg))
+        narrow["labels"]["populated_kT"] = float((F1 - F1.min()).median())
+        st2 = Settings(narrow)
+        keep = train.populated(st2, i1 / "ensemble.pt", s1)
+        out = tmp_path / "focus"
+        train.finetune(
+            st2, 2, i1 / "flow.pt", i1 / "points.h5", out / "f.pt", out / "t.h5", i1 / "ensemble.pt"
+        )
+        tr2 = read_h5(out / "t.h5", "train").attrs
+        n_kept = int((keep & is_train).sum())
+        assert 0 < tr2["n_latest"] + tr2["n_older"] == n_kept < int(is_train.sum())
+    else:
+        assert (new == 16).all()
+    assert (lab["ess_iteration"] <= new + 1e-9).all()
     weights = {}
     for k in (1, 2):
-        sd = read_h5(tmp_path / f"iter_{k:03d}" / "samples" / "shard_0.h5", "samples")
-        ed = read_h5(tmp_path / f"iter_{k:03d}" / "energies" / "shard_0.h5", "energies")
-        lw = log_weights(torch.as_tensor(ed["log_p"]), torch.as_tensor(sd["log_q"]), sd["kept"])
-        for i, w in zip(sd["point_index"], lw.tolist(), strict=True):
-            weights.setdefault(int(i), []).append(w)
+        for j in range(2):
+            it = tmp_path / f"iter_{k:03d}"
+            sd = read_h5(it / "samples" / f"shard_{j}.h5", "samples")
+            ed = read_h5(it / "energies" / f"shard_{j}.h5", "energies")
+            lw = log_weights(torch.as_tensor(ed["log_p"]), torch.as_tensor(sd["log_q"]), sd["kept"])
+            for i, w in zip(sd["point_index"], lw.tolist(), strict=True):
+                weights.setdefault(int(i), []).append(w)
     for r, i in enumerate(lab["point_index"]):
         w = torch.tensor(weights[int(i)], dtype=torch.float64)
         assert len(w) == lab["n_draws"][r]
         want = math.log(len(w)) - float(torch.logsumexp(w, 0))
         assert lab["F_kT"][r] == pytest.approx(want, abs=1e-9)
     assert np.isfinite(lab["se_kT"]).all() and (lab["se_kT"] > 0).all()
+    metrics = json.loads((tmp_path / "iter_002" / "metrics.json").read_text())
+    assert 0 < metrics["flow_ess_fraction"] <= 1 and metrics["label_se_populated_kT"] > 0
     bad = json.loads(json.dumps(cfg))
     bad["labels"]["clip_top_k"] = 3
     with pytest.raises(ValueError, match="clip_top_k"):
+        Settings(bad)
+    bad = json.loads(json.dumps(cfg))
+    bad["labels"]["pool_draws"] = False
+    bad["labels"]["allocate"] = True
+    with pytest.raises(ValueError, match=r"allocate needs labels\.pool_draws"):
         Settings(bad)

@@ -105,10 +105,11 @@ def run_campaign(
     for k in range(1, stop["max_iterations"] + 1):
         prev_flow, prev_points = f(k - 1, "flow.pt"), f(k - 1, "points.h5")
         flow, train_h5 = f(k, "flow.pt"), f(k, "train.h5")
+        focus = [f(k - 1, "ensemble.pt")] if cfgmod.focuses_training(cfg, k) else []
         job(
             "finetune",
             [flow, train_h5],
-            [snap, prev_flow, prev_points],
+            [snap, prev_flow, prev_points, *focus],
             train.finetune,
             st,
             k,
@@ -116,15 +117,21 @@ def run_campaign(
             prev_points,
             flow,
             train_h5,
+            *focus,
             k=k,
         )
         samples = [Path(shard_file(root, k, "samples", j)) for j in range(n_shards)]
         energies = [Path(shard_file(root, k, "energies", j)) for j in range(n_shards)]
+        allocation = (
+            [f(k - 1, "ensemble.pt"), f(k - 1, "labels.h5")]
+            if cfgmod.allocates_draws(cfg, k)
+            else [None, None]
+        )
         for j in range(n_shards):
             job(
                 "sample",
                 [samples[j]],
-                [snap, flow, prev_points],
+                [snap, flow, prev_points, *[a for a in allocation if a is not None]],
                 labels.sample,
                 st,
                 k,
@@ -133,6 +140,7 @@ def run_campaign(
                 j,
                 n_shards,
                 samples[j],
+                *allocation,
                 k=k,
                 shard=j,
             )

@@ -155,8 +155,12 @@ def cmd_wf(args: argparse.Namespace) -> int:
         "start": lambda: start.start(st, a.out),
         "pretrain": lambda: start.pretrain(st, a.start, a.out),
         "initial-points": lambda: start.initial_points(st, a.start, a.out),
-        "finetune": lambda: train.finetune(st, k, a.flow, a.points, a.out_flow, a.out_train),
-        "sample": lambda: labels.sample(st, k, a.flow, a.points, a.shard, a.n_shards, a.out),
+        "finetune": lambda: train.finetune(
+            st, k, a.flow, a.points, a.out_flow, a.out_train, a.ensemble
+        ),
+        "sample": lambda: labels.sample(
+            st, k, a.flow, a.points, a.shard, a.n_shards, a.out, a.ensemble, a.labels
+        ),
         "energy": lambda: labels.energy(st, a.samples, a.shard, a.out),
         "gather": lambda: labels.gather(
             st, k, a.points, a.samples, a.energies, a.out, a.previous_labels
@@ -226,6 +230,7 @@ def _add_wf(sub: argparse._SubParsersAction) -> None:
         "finetune",
         ("--flow", req),
         ("--points", req),
+        ("--ensemble", {"type": P, "default": None}),
         ("--out-flow", req),
         ("--out-train", req),
         iteration=True,
@@ -236,6 +241,8 @@ def _add_wf(sub: argparse._SubParsersAction) -> None:
         ("--points", req),
         ("--shard", {"type": int, "required": True}),
         ("--n-shards", {"type": int, "required": True}),
+        ("--ensemble", {"type": P, "default": None}),
+        ("--labels", {"type": P, "default": None}),
         ("--out", req),
         iteration=True,
     )

@@ -72,6 +72,16 @@ def needs_previous_labels(cfg: dict[str, Any], k: int) -> bool:
     return (not relabels_all(cfg) or pools_draws(cfg)) and k >= 2
 
 
+def allocates_draws(cfg: dict[str, Any], k: int) -> bool:
+    """Are iteration k's draw counts decided from iteration k − 1's ensemble and labels?"""
+    return bool(cfg["labels"]["allocate"]) and k >= 2
+
+
+def focuses_training(cfg: dict[str, Any], k: int) -> bool:
+    """Does iteration k's fine-tuning use iteration k − 1's ensemble to pick its points?"""
+    return bool(cfg["energy_training"]["focus_populated"]) and k >= 2
+
+
 def stop_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     """The convergence settings of `check` (of a validated config): iteration limit and the
     optional metric rule."""

@@ -43,7 +43,7 @@ KINDS: dict[str, int] = {
     "points": 1,  # CG points with train/test split
     "samples": 1,  # flow draws x_FG and log q at CG points
     "energies": 1,  # reduced energies + validity flags of a shard
-    "labels": 2,  # free-energy labels F(s) in kT, ESS, held-out flag, draws per point
+    "labels": 3,  # free-energy labels F(s) in kT, ESS, held-out flag, draws per point
     "walkers": 1,  # CG walker end points, steps used, exhausted flag
     "train": 1,  # training history: losses, counters
     "reference": 1,  # ground-truth histograms

@@ -37,8 +37,10 @@ __all__ = [
     "FreeEnergyEnsemble",
     "LabelResult",
     "WeightSums",
+    "allocate_draws",
     "cap_labels",
     "fit_ensemble",
+    "label_weights",
     "pmf_labels",
 ]
 
@@ -115,11 +117,37 @@ class WeightSums:
         lw = torch.as_tensor(log_w).to(torch.float64)
         if lw.ndim != 2:
             raise ValueError(f"log_w must have shape [P, D]; got {tuple(lw.shape)}")
+        point = torch.arange(lw.shape[0]).repeat_interleave(lw.shape[1])
+        return cls.from_draws(point, lw.reshape(-1), lw.shape[0])
+
+    @classmethod
+    def from_draws(cls, point: torch.Tensor, log_w: torch.Tensor, n_points: int) -> WeightSums:
+        """Sums of log-weights ``log_w [N]`` of draws made for points ``point [N]`` (in
+        ``[0, n_points)``; any number of draws per point, none included)."""
+        point = torch.as_tensor(point).to(torch.int64)
+        lw = torch.as_tensor(log_w).to(torch.float64)
+        if point.shape != lw.shape or lw.ndim != 1:
+            raise ValueError(
+                f"need point [N] and log_w [N]; got {tuple(point.shape)}, {tuple(lw.shape)}"
+            )
+        if len(point) and not (0 <= int(point.min()) and int(point.max()) < n_points):
+            raise ValueError(f"draw point indices must lie in [0, {n_points})")
         valid = torch.isfinite(lw)
         lw = torch.where(valid, lw, torch.full_like(lw, -math.inf))
-        n = torch.full((lw.shape[0],), lw.shape[1], dtype=torch.int64)
+
+        def log_sum(values: torch.Tensor) -> torch.Tensor:
+            top = torch.full((n_points,), -math.inf, dtype=torch.float64)
+            top = top.scatter_reduce(0, point, values, "amax")
+            top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+            total = torch.zeros(n_points, dtype=torch.float64)
+            total = total.index_add(0, point, torch.exp(values - top[point]))
+            return torch.log(total) + top
+
         return cls(
-            torch.logsumexp(lw, dim=1), torch.logsumexp(2.0 * lw, dim=1), n, valid.sum(dim=1)
+            log_sum(lw),
+            log_sum(2.0 * lw),
+            torch.bincount(point, minlength=n_points),
+            torch.bincount(point[valid], minlength=n_points),
         )
 
     def __add__(self, other: WeightSums) -> WeightSums:
@@ -141,6 +169,53 @@ class WeightSums:
         rel_var = torch.clamp(D / ess - 1.0, min=0.0) / (D - 1.0)
         se = torch.where(accepted, torch.sqrt(rel_var), torch.full_like(D, math.inf))
         return LabelResult(F_kT=F, ess=ess, n_valid=self.n_valid, se_kT=se)
+
+
+def allocate_draws(
+    F_pred_kT: torch.Tensor,
+    se_kT: torch.Tensor,
+    n_drawn: torch.Tensor,
+    budget: int,
+    draws: int,
+    target_se_kT: float,
+    min_draws: int,
+    max_draws: int,
+    populated_kT: float,
+) -> torch.Tensor:
+    """Draws per point for the next labels, decided before drawing (so the labels stay unbiased).
+
+    ``F_pred_kT``: predicted F of each point (previous ensemble); ``se_kT``, ``n_drawn``: the
+    standard error of its pooled label and the draws behind it (``n_drawn = 0``: no label yet).
+    A populated point (prediction within ``populated_kT`` of the lowest) asks for the draws that
+    bring its error to ``target_se_kT`` (the error falls as 1/√draws), or ``draws`` if it has no
+    finite error yet; every other point, and a populated one already on target, gets
+    ``min_draws``. Requests are capped at ``max_draws``; if they add up to more than
+    ``budget``, the part above ``min_draws`` is scaled down to fit.
+    """
+    F = torch.as_tensor(F_pred_kT).to(torch.float64)
+    se = torch.as_tensor(se_kT).to(torch.float64)
+    n = torch.as_tensor(n_drawn).to(torch.float64)
+    P = len(F)
+    if not 1 <= min_draws <= draws <= max_draws:
+        raise ValueError(
+            f"need 1 <= min_draws <= draws <= max_draws; got {min_draws}, {draws}, {max_draws}"
+        )
+    if budget < min_draws * P:
+        raise ValueError(f"a budget of {budget} draws cannot give {P} points min_draws {min_draws}")
+    finite = torch.isfinite(F)
+    low = float(F[finite].min()) if bool(finite.any()) else 0.0
+    populated = ~finite | (F - low < populated_kT)  # unknown predictions count as populated
+    known = (n > 0) & torch.isfinite(se)
+    need = torch.ceil(n * ((se / target_se_kT) ** 2 - 1.0))
+    request = torch.full((P,), float(min_draws), dtype=torch.float64)
+    request = torch.where(populated & known, need.clamp(min=min_draws), request)
+    request = torch.where(populated & ~known, torch.full_like(request, float(draws)), request)
+    request = request.clamp(max=max_draws)
+    extra = request - min_draws
+    room = budget - min_draws * P
+    if float(extra.sum()) > room:
+        extra = torch.floor(extra * (room / float(extra.sum())))
+    return (min_draws + extra).to(torch.int64)
 
 
 # ---------------------------------------------------------------------------------------- ensemble
@@ -322,6 +397,9 @@ class FreeEnergyEnsemble:
         split: str = "fraction",
         train_fraction: float = 0.8,
         seed: int = 0,
+        weights: torch.Tensor | None = None,
+        patience: int | None = None,
+        huber_kT: float | None = None,
     ) -> dict[str, Any]:
         """Re-initialise and train all members on labels ``F`` (kT) at CG points ``s [P, n_cg]``.
 
@@ -332,10 +410,20 @@ class FreeEnergyEnsemble:
         training points if there are fewer). A member whose loss or gradient is non-finite on a
         batch skips that batch (its parameters and Adam state stay unchanged).
 
+        ``weights`` (one per label, > 0): the squared error of label i counts ``weights[i]`` times
+        (normalised to mean 1 over the finite labels), in training and in the test loss.
+        ``patience``: early stopping: every member keeps the parameters of its epoch with the
+        lowest test loss (on its own held-out part of the labels) and stops once that has not
+        improved for ``patience`` epochs; ``epochs`` is then the most it trains (``None``: every
+        member trains ``epochs`` epochs and keeps its last parameters).
+        ``huber_kT``: residuals beyond this many kT count linearly (Huber loss, scaled to equal
+        the squared error below it), so a few far-off labels do not pull the fit; ``None``: MSE.
+
         Returns a history: ``train_loss`` / ``test_loss`` per epoch (mean over members of the
         epoch-mean batch MSE and of the test-set MSE, kT², NaN without test points),
         ``test_loss_members`` (per epoch, per member), ``n_dropped``, ``n_train``, ``n_test``,
-        ``n_skipped`` (member-batches skipped), ``shift_kT`` and ``seconds``.
+        ``n_skipped`` (member-batches skipped), ``best_epoch`` (per member, 1-based, the epoch
+        whose parameters it keeps), ``shift_kT`` and ``seconds``.
         """
         if split not in _SPLITS:
             raise ValueError(f"unknown split {split!r}; choose from {list(_SPLITS)}")
@@ -353,11 +441,23 @@ class FreeEnergyEnsemble:
                 f"{tuple(F.shape)}"
             )
         s = self._check_s(s)
+        if weights is None:
+            weights = torch.ones_like(F)
+        weights = torch.as_tensor(weights).to(torch.float64)
+        if weights.shape != F.shape:
+            raise ValueError(f"need one weight per label; got {tuple(weights.shape)} for {len(F)}")
+        if huber_kT is not None and not huber_kT > 0:
+            raise ValueError(f"huber_kT must be > 0 (or None); got {huber_kT}")
+        if patience is not None and patience < 1:
+            raise ValueError(f"patience must be >= 1 (or None); got {patience}")
         keep = torch.isfinite(F)
         n_dropped = int((~keep).sum())
         if not keep.any():
             raise ValueError(f"all {F.shape[0]} labels are non-finite: nothing to fit")
-        s, F = s[keep], F[keep]
+        s, F, weights = s[keep], F[keep], weights[keep]
+        if not (torch.isfinite(weights).all() and (weights > 0).all()):
+            raise ValueError("label weights must be finite and > 0")
+        weights = weights / weights.mean()
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(int(seed))
 
@@ -372,6 +472,14 @@ class FreeEnergyEnsemble:
         self.shift_kT = float(F.median())
         x = self._features(s)
         y = (F - self.shift_kT).to(self.dtype)
+        wt = weights.to(self.dtype)
+
+        def penalty(r: torch.Tensor) -> torch.Tensor:
+            if huber_kT is None:
+                return r**2
+            a = r.abs()
+            return torch.where(a < huber_kT, r**2, huber_kT * (2.0 * a - huber_kT))
+
         params = self._initial_params(gen)
         self._params = params
         train_idx, test_idx = self._splits(s.shape[0], split, train_fraction, gen)
@@ -392,14 +500,18 @@ class FreeEnergyEnsemble:
             "shift_kT": self.shift_kT,
         }
         M = self.n_members
-        for _ in range(epochs):
+        stopping = patience is not None and n_test > 0
+        best_loss = torch.full((M,), math.inf, dtype=torch.float64)
+        best_epoch = torch.full((M,), epochs, dtype=torch.int64)
+        best = {k: v.detach().clone() for k, v in params.items()} if stopping else None
+        for epoch in range(epochs):
             order = train_idx.gather(1, torch.argsort(torch.rand(M, n_train, generator=gen), dim=1))
             loss_sum = torch.zeros(M, dtype=torch.float64)
             loss_count = torch.zeros(M, dtype=torch.float64)
             for b in range(n_batches):
                 idx = order[:, b * bsz : (b + 1) * bsz]
                 pred = self._forward_batched(params, self._buffers, x[idx])
-                loss = ((pred - y[idx]) ** 2).mean(dim=1)  # [M]
+                loss = (wt[idx] * penalty(pred - y[idx])).sum(dim=1) / wt[idx].sum(dim=1)  # [M]
                 grads = torch.autograd.grad(loss.sum(), [params[k] for k in names])
                 ok = torch.isfinite(loss)
                 for g in grads:
@@ -413,12 +525,29 @@ class FreeEnergyEnsemble:
             if n_test > 0:
                 with torch.no_grad():
                     pred = self._forward_batched(params, self._buffers, x[test_idx])
-                    test = ((pred - y[test_idx]) ** 2).mean(dim=1).to(torch.float64)
+                    w_test = wt[test_idx]
+                    test = (w_test * penalty(pred - y[test_idx])).sum(dim=1) / w_test.sum(dim=1)
+                    test = test.to(torch.float64)
                 history["test_loss_members"].append(test.tolist())
                 history["test_loss"].append(float(test.mean()))
             else:
                 history["test_loss_members"].append([math.nan] * M)
                 history["test_loss"].append(math.nan)
+            if stopping:
+                better = test < best_loss
+                best_loss = torch.where(better, test, best_loss)
+                best_epoch = torch.where(better, epoch + 1, best_epoch)
+                with torch.no_grad():
+                    for k, v in params.items():
+                        sel = better.view((-1,) + (1,) * (v.ndim - 1))
+                        best[k] = torch.where(sel, v.detach(), best[k])
+                if bool((epoch + 1 - best_epoch >= patience).all()):
+                    break
+        if stopping:
+            with torch.no_grad():
+                for k, v in params.items():
+                    v.copy_(best[k])
+        history["best_epoch"] = best_epoch.tolist()
         history["seconds"] = time.perf_counter() - t0
         return history
 
@@ -535,11 +664,31 @@ def cap_labels(f_kT: torch.Tensor, cap_kT: float | None) -> torch.Tensor:
     return torch.minimum(f_kT, f_kT.min() + cap_kT)
 
 
+def label_weights(se_kT: torch.Tensor, weighting: str, se_floor_kT: float) -> torch.Tensor:
+    """Per-label loss weights: ones (``"uniform"``), or ``1 / (se² + se_floor²)``
+    (``"inverse_variance"``; a label without a finite standard error gets the weight of an
+    error of 1 kT)."""
+    se = torch.as_tensor(se_kT).to(torch.float64)
+    if weighting == "uniform":
+        return torch.ones_like(se)
+    if weighting != "inverse_variance":
+        raise ValueError(f"unknown weighting {weighting!r}; choose uniform or inverse_variance")
+    if not se_floor_kT > 0:
+        raise ValueError(f"se_floor_kT must be > 0, got {se_floor_kT}")
+    se = torch.where(torch.isfinite(se), se, torch.ones_like(se))
+    return 1.0 / (se**2 + se_floor_kT**2)
+
+
 def fit_ensemble(
-    settings: dict[str, Any], periodic: list[bool], s: torch.Tensor, f_kT: torch.Tensor, seed: int
+    settings: dict[str, Any],
+    periodic: list[bool],
+    s: torch.Tensor,
+    f_kT: torch.Tensor,
+    seed: int,
+    se_kT: torch.Tensor | None = None,
 ) -> FreeEnergyEnsemble:
-    """A new ensemble fitted to labels ``f_kT`` at CG points ``s``; ``settings`` is the schema's
-    ``ensemble`` section (every key given)."""
+    """A new ensemble fitted to labels ``f_kT`` (standard errors ``se_kT``) at CG points ``s``;
+    ``settings`` is the schema's ``ensemble`` section (every key given)."""
     e = settings
     ensemble = FreeEnergyEnsemble(
         e["n_members"],
@@ -548,14 +697,22 @@ def fit_ensemble(
         activation=e["activation"],
         init=e["init"],
     )
+    f_kT = torch.as_tensor(f_kT)
+    if se_kT is None:
+        if e["weighting"] != "uniform":
+            raise ValueError(f"ensemble.weighting {e['weighting']!r} needs the labels' se_kT")
+        se_kT = torch.zeros_like(f_kT)
     ensemble.fit(
         s,
-        cap_labels(torch.as_tensor(f_kT), e["label_cap_kT"]),
+        cap_labels(f_kT, e["label_cap_kT"]),
         epochs=e["epochs"],
         lr=e["lr"],
         batch_size=e["batch_size"],
         split=e["split"],
         train_fraction=e["train_fraction"],
         seed=seed,
+        weights=label_weights(se_kT, e["weighting"], e["se_floor_kT"]),
+        patience=e["patience"],
+        huber_kT=e["huber_kT"],
     )
     return ensemble

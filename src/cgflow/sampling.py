@@ -142,6 +142,8 @@ def cg_walkers(
     min_steps: int = 0,
     beta: float = 1.0,
     seed: int = 0,
+    mass_temperature_kT: float | None = None,
+    F_low_kT: float = 0.0,
 ) -> WalkerResult:
     """Parallel Metropolis walkers on ``exp(-beta F̄(s))`` that stop where the ensemble std is high.
 
@@ -150,6 +152,9 @@ def cg_walkers(
     ``[lo, hi)``; a proposal with a non-periodic coordinate outside its bounds, or with a
     non-finite F̄, is rejected (without evaluating it). After step ``t`` (accepted or not), a running
     walker whose current point has ``σ > threshold_kT`` and ``t > min_steps`` stops and is frozen.
+    With ``mass_temperature_kT = T`` the disagreement is weighted by the point's probability:
+    a walker stops where ``σ · exp(−max(F̄ − F_low_kT, 0) / T) > threshold_kT``, so points are
+    added where an error costs probability mass (``F_low_kT``: the lowest F̄ of interest).
 
     Runs until ``n_wanted`` walkers have stopped and returns the ``n_wanted`` earliest (by stop
     step, ties by walker index). If ``max_steps`` pass first, returns the walkers stopped so far
@@ -160,6 +165,8 @@ def cg_walkers(
     W = x.shape[0]
     if not 1 <= n_wanted <= W:
         raise ValueError(f"n_wanted must be in [1, number of walkers = {W}]; got {n_wanted}")
+    if mass_temperature_kT is not None and not mass_temperature_kT > 0:
+        raise ValueError(f"mass_temperature_kT must be > 0 (or None); got {mass_temperature_kT}")
     if not step_size > 0 or max_steps < 1 or min_steps < 0:
         raise ValueError(
             f"need step_size > 0, max_steps >= 1, min_steps >= 0; got {step_size}, "
@@ -204,7 +211,10 @@ def cg_walkers(
             x[idx], F[idx], sigma[idx] = prop[idx], F_new, s_new
             n_accepted += idx.shape[0]
         if step > min_steps:
-            stops = running & (sigma > threshold_kT)
+            score = sigma
+            if mass_temperature_kT is not None:
+                score = sigma * torch.exp(-(F - F_low_kT).clamp(min=0.0) / mass_temperature_kT)
+            stops = running & (score > threshold_kT)
             stop_step[stops] = step
             running &= ~stops
     stopped = (stop_step >= 0).nonzero().squeeze(1)  # ascending walker index

@@ -167,6 +167,49 @@ def gather_inputs(wildcards):
     return inputs
 
 
+def finetune_inputs(wildcards):
+    """Inputs of finetune: the previous flow and points, and the previous ensemble when the
+    training focuses on populated points (cgflow.config.focuses_training)."""
+    k = iteration(wildcards)
+    inputs = {
+        "cfg": config_snapshot(wildcards),
+        "flow": iteration_file(wildcards.campaign, k - 1, "flow.pt"),
+        "points": iteration_file(wildcards.campaign, k - 1, "points.h5"),
+    }
+    if cgconfig.focuses_training(config, k):
+        inputs["ensemble"] = iteration_file(wildcards.campaign, k - 1, "ensemble.pt")
+    return inputs
+
+
+def focus_option(wildcards, input):
+    """`--ensemble <file>` when finetune has that input, else nothing."""
+    if "ensemble" in input.keys():
+        return f"--ensemble {input.ensemble}"
+    return ""
+
+
+def sample_inputs(wildcards):
+    """Inputs of sample: the flow of iteration k, the previous points, and iteration k - 1's
+    ensemble and labels when draws are allocated (cgflow.config.allocates_draws)."""
+    k = iteration(wildcards)
+    inputs = {
+        "cfg": config_snapshot(wildcards),
+        "flow": iteration_file(wildcards.campaign, k, "flow.pt"),
+        "points": iteration_file(wildcards.campaign, k - 1, "points.h5"),
+    }
+    if cgconfig.allocates_draws(config, k):
+        inputs["ensemble"] = iteration_file(wildcards.campaign, k - 1, "ensemble.pt")
+        inputs["labels"] = iteration_file(wildcards.campaign, k - 1, "labels.h5")
+    return inputs
+
+
+def allocation_option(wildcards, input):
+    """`--ensemble <file> --labels <file>` when sample has those inputs, else nothing."""
+    if "ensemble" in input.keys():
+        return f"--ensemble {input.ensemble} --labels {input.labels}"
+    return ""
+
+
 def previous_labels_option(wildcards, input):
     """`--previous-labels <file>` when gather has that input, else nothing."""
     if "previous_labels" in input.keys():

@@ -4,9 +4,7 @@
 
 rule sample:
     input:
-        cfg=config_snapshot,
-        flow="results/{campaign}/iter_{iteration}/flow.pt",
-        points=previous("points.h5"),
+        unpack(sample_inputs),
     output:
         "results/{campaign}/iter_{iteration}/samples/shard_{shard}.h5",
     log:
@@ -21,9 +19,10 @@ rule sample:
     params:
         k=iteration,
         n_shards=n_shards,
+        allocation=allocation_option,
     shell:
         "cgflow wf sample --config {input.cfg} --iteration {params.k}"
-        " --flow {input.flow} --points {input.points}"
+        " --flow {input.flow} --points {input.points} {params.allocation}"
         " --shard {wildcards.shard} --n-shards {params.n_shards} --out {output}"
         " > {log} 2>&1"
 

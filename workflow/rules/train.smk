@@ -3,9 +3,7 @@
 
 rule finetune:
     input:
-        cfg=config_snapshot,
-        flow=previous("flow.pt"),
-        points=previous("points.h5"),
+        unpack(finetune_inputs),
     output:
         flow="results/{campaign}/iter_{iteration}/flow.pt",
         train="results/{campaign}/iter_{iteration}/train.h5",
@@ -21,7 +19,8 @@ rule finetune:
         mem_mb=16000,
     params:
         k=iteration,
+        focus=focus_option,
     shell:
         "cgflow wf finetune --config {input.cfg} --iteration {params.k}"
-        " --flow {input.flow} --points {input.points}"
+        " --flow {input.flow} --points {input.points} {params.focus}"
         " --out-flow {output.flow} --out-train {output.train} > {log} 2>&1"

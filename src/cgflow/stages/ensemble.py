@@ -22,6 +22,7 @@ def ensemble(st: Settings, iteration: int, labels_in: Any, out: Any) -> None:
         d["s"][train],
         d["F_kT"][train],
         st.stage_seed(iteration, "ensemble"),
+        d["se_kT"][train],
     )
     with atomic_path(out) as tmp:
         ens.save(tmp)

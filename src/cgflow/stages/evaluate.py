@@ -74,9 +74,14 @@ def aldp_reference(system: Any) -> Any:
     return ref
 
 
-def label_quality(predict: Any, labels: dict[str, Any], max_F_kT: float) -> dict[str, float]:
-    """Median ESS of the labels, and the RMSE of the ensemble mean against the held-out labels
-    within ``max_F_kT`` of the lowest training label (NaN without such labels)."""
+def label_quality(
+    predict: Any, labels: dict[str, Any], max_F_kT: float, populated_kT: float
+) -> dict[str, float]:
+    """Median ESS of the labels; the flow's efficiency ``flow_ess_fraction``, the median over
+    populated points (ensemble mean within ``populated_kT`` of its lowest value over the
+    labelled points) of this iteration's ESS / draws; the median standard error of the labels
+    there (``label_se_populated_kT``); and the RMSE of the ensemble mean against the held-out
+    labels within ``max_F_kT`` of the lowest training label (NaN without such labels)."""
     import torch
 
     F, split = labels["F_kT"], labels["split"]
@@ -84,16 +89,26 @@ def label_quality(predict: Any, labels: dict[str, Any], max_F_kT: float) -> dict
     train = finite & (split == TRAIN)
     low = float(F[train].min()) if bool(train.any()) else math.nan
     held = finite & (split == HELD_OUT) & (F <= low + max_F_kT)
-    rmse = math.nan
-    if bool(held.any()):
-        with torch.no_grad():
-            mean, _ = predict(labels["s"][held])
-        rmse = float(torch.sqrt(((mean.to(torch.float64) - F[held]) ** 2).mean()))
-    return {
+    out = {
         "label_ess_median": float(labels["ess"].to(torch.float64).median()) if len(F) else math.nan,
-        "heldout_rmse_kT": rmse,
+        "heldout_rmse_kT": math.nan,
         "n_heldout_labels": int(held.sum()),
+        "flow_ess_fraction": math.nan,
+        "label_se_populated_kT": math.nan,
     }
+    if not len(F):
+        return out
+    with torch.no_grad():
+        mean, _ = predict(labels["s"])
+    mean = mean.to(torch.float64)
+    if bool(held.any()):
+        out["heldout_rmse_kT"] = float(torch.sqrt(((mean[held] - F[held]) ** 2).mean()))
+    populated = (mean - mean.min() < populated_kT) & (labels["n_draws_iteration"] > 0)
+    if bool(populated.any()):
+        frac = labels["ess_iteration"].to(torch.float64) / labels["n_draws_iteration"]
+        out["flow_ess_fraction"] = float(frac[populated].median())
+        out["label_se_populated_kT"] = float(labels["se_kT"][populated].median())
+    return out
 
 
 def evaluate(
@@ -119,7 +134,14 @@ def evaluate(
         "n_train_points": int((p["split"] == TRAIN).sum()),
         "n_test_points": int((p["split"] == HELD_OUT).sum()),
     }
-    metrics.update(label_quality(ens.predict, read_labels(labels_in), st["evaluation"]["max_F_kT"]))
+    metrics.update(
+        label_quality(
+            ens.predict,
+            read_labels(labels_in),
+            st["evaluation"]["max_F_kT"],
+            st["labels"]["populated_kT"],
+        )
+    )
     reference = aldp_reference(system)
     exact = exact_pmf(st)
     if exact is not None:

@@ -30,10 +30,71 @@ def labelled_indices(st: Settings, iteration: int, p: dict[str, Any]) -> torch.T
     return torch.nonzero(p["tag"] == iteration - 1).flatten()
 
 
+def draw_counts(
+    st: Settings,
+    iteration: int,
+    p: dict[str, Any],
+    idx: np.ndarray,
+    ensemble_in: Any,
+    labels_in: Any,
+) -> np.ndarray:
+    """Draws of each labelled point ``idx``: ``labels.draws`` each, or with ``labels.allocate``
+    (from iteration 2) as :func:`cgflow.free_energy.allocate_draws` decides from iteration
+    k − 1's ensemble and labels."""
+    lab = st["labels"]
+    draws = int(lab["draws"])
+    allocating = cfgmod.allocates_draws(st.cfg, iteration)
+    if allocating != (ensemble_in is not None and labels_in is not None):
+        raise ValueError(
+            f"iteration {iteration}: with labels.allocate {lab['allocate']} the previous "
+            f"ensemble and labels must {'' if allocating else 'not '}be given"
+        )
+    if not allocating:
+        return np.full(len(idx), draws, dtype=np.int64)
+    from ..free_energy import FreeEnergyEnsemble, allocate_draws
+
+    F_pred, _ = FreeEnergyEnsemble.load(ensemble_in).predict(p["s"][idx])
+    prev = read_labels(labels_in)
+    se = torch.full((len(idx),), math.inf, dtype=torch.float64)
+    n = torch.zeros(len(idx), dtype=torch.int64)
+    row = {int(i): r for r, i in enumerate(prev["point_index"])}
+    for r, i in enumerate(idx.tolist()):
+        if i in row:
+            se[r], n[r] = prev["se_kT"][row[i]], prev["n_draws"][row[i]]
+    counts = allocate_draws(
+        F_pred,
+        se,
+        n,
+        budget=draws * len(idx),
+        draws=draws,
+        target_se_kT=lab["target_se_kT"],
+        min_draws=lab["min_draws"],
+        max_draws=lab["max_draws"],
+        populated_kT=lab["populated_kT"],
+    )
+    return counts.numpy()
+
+
+def shard_points(counts: np.ndarray, n_shards: int) -> np.ndarray:
+    """Shard of each point: consecutive points, about the same number of draws per shard."""
+    before = np.cumsum(counts) - counts
+    total = max(int(counts.sum()), 1)
+    return np.minimum(before * n_shards // total, n_shards - 1)
+
+
 def sample(
-    st: Settings, iteration: int, flow_in: Any, points_in: Any, shard: int, n_shards: int, out: Any
+    st: Settings,
+    iteration: int,
+    flow_in: Any,
+    points_in: Any,
+    shard: int,
+    n_shards: int,
+    out: Any,
+    ensemble_in: Any = None,
+    labels_in: Any = None,
 ) -> None:
-    """Flow draws (internal coordinates, log q, chirality flag) for one shard of the labelled points."""
+    """Flow draws (internal coordinates, log q, chirality flag) for one shard of the labelled
+    points; ``ensemble_in``, ``labels_in``: iteration k − 1's, for ``labels.allocate``."""
     from ..flows import load_flow
     from ..training import label_draws
 
@@ -42,17 +103,26 @@ def sample(
     flow, _ = load_flow(flow_in)
     flow = flow.to(st.dtype)
     p = read_points(points_in)
-    idx = np.array_split(labelled_indices(st, iteration, p).numpy(), n_shards)[shard]
-    draws = int(st["labels"]["draws"])
+    idx = labelled_indices(st, iteration, p).numpy()
+    counts = draw_counts(st, iteration, p, idx, ensemble_in, labels_in)
+    mine = shard_points(counts, n_shards) == shard
+    idx, counts = idx[mine], counts[mine]
     seed = st.stage_seed(iteration, "sample", shard)
-    d = label_draws(flow, st.system, p["s"][idx], draws, torch.Generator().manual_seed(seed))
+    d = label_draws(
+        flow, st.system, p["s"][idx], torch.as_tensor(counts), torch.Generator().manual_seed(seed)
+    )
     write_h5(
         out,
         "samples",
-        {"point_index": np.repeat(idx, draws), "z": d.z, "log_q": d.log_q, "kept": d.kept},
+        {"point_index": np.repeat(idx, counts), "z": d.z, "log_q": d.log_q, "kept": d.kept},
         {"point_index": "1", "z": "internal (nm, rad)", "log_q": "nat", "kept": "1"},
         st.provenance(iteration, seed),
-        attrs={"shard": shard, "n_shards": n_shards, "draws_per_point": draws},
+        attrs={
+            "shard": shard,
+            "n_shards": n_shards,
+            "draws_per_point": int(st["labels"]["draws"]),
+            "allocated": cfgmod.allocates_draws(st.cfg, iteration),
+        },
     )
 
 
@@ -125,14 +195,25 @@ def gather(
         lw_all.append(log_weights(ed["log_p"], sd["log_q"], sd["kept"]))
         idx_all.append(torch.as_tensor(sd["point_index"]))
     idx, lw = torch.cat(idx_all), torch.cat(lw_all)
-    points = idx.reshape(-1, draws)[:, 0] if len(idx) else idx
-    lw = lw.reshape(-1, draws)
+    points, row = torch.unique(idx, return_inverse=True)
+    wanted = labelled_indices(st, iteration, p)
+    if not torch.equal(points, wanted):
+        raise ValueError(
+            f"iteration {iteration}: the shards drew for {len(points)} points but "
+            f"{len(wanted)} are to be labelled (a shard of another plan?)"
+        )
     clip = int(st["labels"]["clip_top_k"])
-    sums = WeightSums.from_log_weights(lw)
+    fresh = WeightSums.from_draws(row, lw, len(points))
+    sums = fresh
     if previous_labels is not None and cfgmod.pools_draws(st.cfg):
-        sums = sums + _previous_sums(read_labels(previous_labels), points)
+        sums = fresh + _previous_sums(read_labels(previous_labels), points)
     # clipping biases the labels (never with pooled draws; the stored sums stay unclipped)
-    res = pmf_labels(lw, clip_top_k=clip) if clip else sums.labels()
+    if clip:
+        if not bool((fresh.n_draws == draws).all()):
+            raise ValueError("labels.clip_top_k needs the same number of draws at every point")
+        res = pmf_labels(lw[torch.argsort(row, stable=True)].reshape(-1, draws), clip_top_k=clip)
+    else:
+        res = sums.labels()
     new = {
         "s": p["s"][points],
         "point_index": points,
@@ -144,6 +225,8 @@ def gather(
         "n_draws": sums.n_draws,
         "log_sum_w": sums.log_sum_w,
         "log_sum_w2": sums.log_sum_w2,
+        "ess_iteration": fresh.labels().ess,
+        "n_draws_iteration": fresh.n_draws,
     }
     if previous_labels is not None and not cfgmod.pools_draws(st.cfg):  # carried over
         prev = read_labels(previous_labels)
@@ -174,6 +257,8 @@ LABEL_UNITS = {
     "n_draws": "1",
     "log_sum_w": "nat",
     "log_sum_w2": "nat",
+    "ess_iteration": "1",
+    "n_draws_iteration": "1",
 }
 
 

@@ -56,6 +56,8 @@ def walkers(
     else:
         starts = st.system.cg(torch.as_tensor(minimum(start_in)[None], dtype=torch.float64))
     starts = starts.reshape(len(starts), -1)[torch.arange(w["n_walkers"]) % len(starts)]
+    # the lowest predicted F over the labelled points: where the probability mass is
+    F_low = float(ens.predict(p["s"])[0].min()) if len(p["s"]) else 0.0
     res = cg_walkers(
         ens.predict,
         starts,
@@ -68,11 +70,14 @@ def walkers(
         min_steps=w["min_steps"],
         beta=float(w["beta"]),
         seed=st.stage_seed(iteration, "walkers"),
+        mass_temperature_kT=w["mass_temperature_kT"],
+        F_low_kT=F_low,
     )
     attrs = {
         "exhausted": bool(res.exhausted),
         "steps_used": int(res.steps_used),
         "n_walkers": w["n_walkers"],
+        "F_low_kT": F_low,
     }
     _write_walkers(st, iteration, out, res.points, res.stop_steps, attrs)
 
