@@ -551,3 +551,12 @@ def test_pooled_labels_combine_every_iterations_draws(tmp_path, allocate):
     bad["labels"]["allocate"] = True
     with pytest.raises(ValueError, match=r"allocate needs labels\.pool_draws"):
         Settings(bad)
+
+
+def test_shards_take_consecutive_points_with_about_the_same_draws():
+    counts = np.array([512] * 3 + [8] * 200 + [64] * 20)
+    shard = labels.shard_points(counts, 3)
+    assert (np.diff(shard) >= 0).all() and set(shard) == {0, 1, 2}
+    per = np.bincount(shard, weights=counts)
+    assert per.max() - per.min() <= 2 * counts.max()
+    assert (labels.shard_points(np.array([16, 16]), 4) < 4).all()
