@@ -138,6 +138,7 @@ def test_grid_mode_on_mueller_brown(tmp_path):
         mode="grid",
         grid={"per_axis": 36},
         max_iterations=2,
+        labels={"allocate": False},
         ensemble={
             "n_members": 4,
             "hidden": [32, 32],
@@ -145,6 +146,7 @@ def test_grid_mode_on_mueller_brown(tmp_path):
             "epochs": 600,
             "lr": 1e-2,
             "batch_size": 8,
+            "patience": None,
         },
     )
     df = pd.read_csv(run_campaign(cfg, tmp_path, log=lambda m: None) / "summary.csv")
@@ -173,7 +175,7 @@ def test_alanine_dipeptide_smoke(tmp_path):
             }
             for k in ("first", "later")
         },
-        labels={"draws": 8},
+        labels={"draws": 8, "min_draws": 2},
         energy={"backend": "torch", "shards": 1},
         ensemble={"n_members": 3, "hidden": [16, 16], "epochs": 20, "batch_size": 32},
         walkers={

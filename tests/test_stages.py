@@ -547,6 +547,10 @@ def test_pooled_labels_combine_every_iterations_draws(tmp_path, allocate):
     with pytest.raises(ValueError, match="clip_top_k"):
         Settings(bad)
     bad = json.loads(json.dumps(cfg))
+    bad["labels"].update(allocate=True, min_draws=32)
+    with pytest.raises(ValueError, match=r"min_draws <= labels\.draws"):
+        Settings(bad)
+    bad = json.loads(json.dumps(cfg))
     bad["labels"]["pool_draws"] = False
     bad["labels"]["allocate"] = True
     with pytest.raises(ValueError, match=r"allocate needs labels\.pool_draws"):

@@ -41,7 +41,14 @@ def validated(cfg: dict[str, Any]) -> dict[str, Any]:
     except WorkflowError as exc:  # the message names the key and the rule it breaks
         raise ValueError(f"invalid configuration: {exc}") from None
     # the validator fills defaults with the schema's own objects: detach them
-    return json.loads(json.dumps(out))
+    out = json.loads(json.dumps(out))
+    lab = out["labels"]
+    if lab["allocate"] and not lab["min_draws"] <= lab["draws"] <= lab["max_draws"]:
+        raise ValueError(
+            "invalid configuration: labels.allocate needs labels.min_draws <= labels.draws <= "
+            f"labels.max_draws; got {lab['min_draws']}, {lab['draws']}, {lab['max_draws']}"
+        )
+    return out
 
 
 def snapshot(cfg: dict[str, Any]) -> dict[str, Any]:
