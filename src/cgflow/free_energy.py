@@ -42,6 +42,7 @@ __all__ = [
     "fit_ensemble",
     "label_weights",
     "pmf_labels",
+    "populated",
 ]
 
 
@@ -171,6 +172,15 @@ class WeightSums:
         return LabelResult(F_kT=F, ess=ess, n_valid=self.n_valid, se_kT=se)
 
 
+def populated(F_kT: torch.Tensor, populated_kT: float) -> torch.Tensor:
+    """Which free energies lie within ``populated_kT`` of the lowest finite one (a non-finite
+    value counts as populated: nothing is known against it)."""
+    F = torch.as_tensor(F_kT).to(torch.float64)
+    finite = torch.isfinite(F)
+    low = float(F[finite].min()) if bool(finite.any()) else 0.0
+    return ~finite | (F - low < populated_kT)
+
+
 def allocate_draws(
     F_pred_kT: torch.Tensor,
     se_kT: torch.Tensor,
@@ -202,14 +212,12 @@ def allocate_draws(
         )
     if budget < min_draws * P:
         raise ValueError(f"a budget of {budget} draws cannot give {P} points min_draws {min_draws}")
-    finite = torch.isfinite(F)
-    low = float(F[finite].min()) if bool(finite.any()) else 0.0
-    populated = ~finite | (F - low < populated_kT)  # unknown predictions count as populated
+    mass = populated(F, populated_kT)
     known = (n > 0) & torch.isfinite(se)
     need = torch.ceil(n * ((se / target_se_kT) ** 2 - 1.0))
     request = torch.full((P,), float(min_draws), dtype=torch.float64)
-    request = torch.where(populated & known, need.clamp(min=min_draws), request)
-    request = torch.where(populated & ~known, torch.full_like(request, float(draws)), request)
+    request = torch.where(mass & known, need.clamp(min=min_draws), request)
+    request = torch.where(mass & ~known, torch.full_like(request, float(draws)), request)
     request = request.clamp(max=max_draws)
     extra = request - min_draws
     room = budget - min_draws * P

@@ -84,6 +84,8 @@ def label_quality(
     labels within ``max_F_kT`` of the lowest training label (NaN without such labels)."""
     import torch
 
+    from ..free_energy import populated
+
     F, split = labels["F_kT"], labels["split"]
     finite = torch.isfinite(F)
     train = finite & (split == TRAIN)
@@ -103,11 +105,11 @@ def label_quality(
     mean = mean.to(torch.float64)
     if bool(held.any()):
         out["heldout_rmse_kT"] = float(torch.sqrt(((mean[held] - F[held]) ** 2).mean()))
-    populated = (mean - mean.min() < populated_kT) & (labels["n_draws_iteration"] > 0)
-    if bool(populated.any()):
+    mass = populated(mean, populated_kT) & (labels["n_draws_iteration"] > 0)
+    if bool(mass.any()):
         frac = labels["ess_iteration"].to(torch.float64) / labels["n_draws_iteration"]
-        out["flow_ess_fraction"] = float(frac[populated].median())
-        out["label_se_populated_kT"] = float(labels["se_kT"][populated].median())
+        out["flow_ess_fraction"] = float(frac[mass].median())
+        out["label_se_populated_kT"] = float(labels["se_kT"][mass].median())
     return out
 
 

@@ -54,17 +54,11 @@ def draw_counts(
     from ..free_energy import FreeEnergyEnsemble, allocate_draws
 
     F_pred, _ = FreeEnergyEnsemble.load(ensemble_in).predict(p["s"][idx])
-    prev = read_labels(labels_in)
-    se = torch.full((len(idx),), math.inf, dtype=torch.float64)
-    n = torch.zeros(len(idx), dtype=torch.int64)
-    row = {int(i): r for r, i in enumerate(prev["point_index"])}
-    for r, i in enumerate(idx.tolist()):
-        if i in row:
-            se[r], n[r] = prev["se_kT"][row[i]], prev["n_draws"][row[i]]
+    prev = _previous_sums(read_labels(labels_in), torch.as_tensor(idx))
     counts = allocate_draws(
         F_pred,
-        se,
-        n,
+        prev.labels().se_kT,
+        prev.n_draws,
         budget=draws * len(idx),
         draws=draws,
         target_se_kT=lab["target_se_kT"],

@@ -18,10 +18,10 @@ from .settings import Settings
 def populated(st: Settings, ensemble_in: Any, s: torch.Tensor) -> torch.Tensor:
     """Which of the points ``s`` the ensemble predicts within ``labels.populated_kT`` of its
     lowest prediction over them."""
-    from ..free_energy import FreeEnergyEnsemble
+    from ..free_energy import FreeEnergyEnsemble, populated
 
     mean, _ = FreeEnergyEnsemble.load(ensemble_in).predict(s)
-    return mean - mean.min() < st["labels"]["populated_kT"]
+    return populated(mean, st["labels"]["populated_kT"])
 
 
 def finetune(
