@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from cgflow.config import write_snapshot
 from cgflow.flows import build_flow, save_flow
 from cgflow.stages.report import backmap
-from cgflow.stages.settings import Settings, write_snapshot
+from cgflow.stages.settings import Settings
 
 POINTS = {"beta": [-2.55, 2.8], "alpha_R": [-1.1, -0.85], "alpha_L": [1.0, 0.6]}
 

@@ -7,11 +7,12 @@ import pytest
 import torch
 import yaml
 
-from cgflow.config import allocates_draws, focuses_training, needs_previous_labels
+from cgflow.config import allocates_draws, focuses_training, needs_previous_labels, write_snapshot
 from cgflow.data import read_h5
 from cgflow.free_energy import FreeEnergyEnsemble
 from cgflow.stages import ensemble, evaluate, labels, report, select, start, train
-from cgflow.stages.settings import Settings, write_snapshot
+from cgflow.stages.settings import Settings
+from cgflow.stages.status import check as check_status
 
 CFG = {
     "campaign": "t",
@@ -119,7 +120,7 @@ def run_iteration(st, root, k, n_shards=1, max_iterations=1):
         st, k, it / "ensemble.pt", prev / "points.h5", i0 / "start.h5", it / "walkers.h5"
     )
     select.select(st, k, it / "walkers.h5", prev / "points.h5", it / "points.h5")
-    return select.check(
+    return check_status(
         k, it / "walkers.h5", it / "metrics.json", it / "status.json", max_iterations
     )
 
@@ -259,6 +260,34 @@ def test_cli_snapshot_and_check(tmp_path, campaign):
     missing = ["--walkers", "x", "--metrics", "y", "--out", str(tmp_path / "z.json")]
     assert main([*check, *missing]) == 2
     assert main(["wf", "start", "--config", str(tmp_path / "missing.yaml"), "--out", "x"]) == 2
+
+
+def test_cheap_steps_do_not_import_torch(tmp_path, campaign):
+    """`wf check`, `wf snapshot` and the parser of every step run without torch; each step prints
+    its timing line last."""
+    import subprocess
+    import sys
+
+    root, _, _, _ = campaign
+    i1 = root / "iter_001"
+    code = (
+        "import sys\n"
+        "from cgflow.cli import main, build_parser\n"
+        "build_parser(['wf'])\n"
+        f"assert main(['wf', 'snapshot', '--json', {json.dumps(json.dumps(CFG))}, "
+        f"'--out', {str(tmp_path / 'c.yaml')!r}]) == 0\n"
+        "assert main(['wf', 'check', '--iteration', '1', '--max-iterations', '1', "
+        f"'--walkers', {str(i1 / 'walkers.h5')!r}, '--metrics', {str(i1 / 'metrics.json')!r}, "
+        f"'--out', {str(tmp_path / 's.json')!r}]) == 0\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    last = res.stdout.strip().splitlines()[-1]
+    assert last.startswith("cgflow step seconds:")
+    timing = json.loads(last.split(":", 1)[1])
+    assert timing["step"] == "check" and timing["compute_s"] >= 0.0
+    assert json.loads((tmp_path / "s.json").read_text())["converged"]
 
 
 def test_bad_config_names_the_key(tmp_path):

@@ -72,8 +72,9 @@ def run_campaign(
     returns that folder (its ``summary.csv`` is the workflow's)."""
     import yaml
 
-    from .stages import ensemble, evaluate, labels, report, select, start, train
-    from .stages.settings import Settings, write_snapshot
+    from .config import write_snapshot
+    from .stages import ensemble, evaluate, labels, report, select, start, status, train
+    from .stages.settings import Settings
 
     cfg = cfgmod.validated(config)
     root = Path(cfgmod.campaign_dir(results, cfg["campaign"]))
@@ -215,21 +216,21 @@ def run_campaign(
             points,
             k=k,
         )
-        status = f(k, "status.json")
+        status_file = f(k, "status.json")
         job(
             "check",
-            [status],
+            [status_file],
             [walkers, metrics],
-            select.check,
+            status.check,
             k,
             walkers,
             metrics,
-            status,
+            status_file,
             k=k,
             **stop,
         )
         last = k
-        if select.read_status(status)["converged"]:
+        if status.read_status(status_file)["converged"]:
             break
     summary_csv, convergence = root / "summary.csv", root / "convergence.png"
     inputs = cfgmod.summary_files(root, last, n_shards)

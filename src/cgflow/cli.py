@@ -24,7 +24,39 @@ import argparse
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
+
+#: prefix of the line each workflow step prints last (read by benchmarks/workflow_overhead.py)
+TIMING_PREFIX = "cgflow step seconds:"
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux ``/proc``; None elsewhere)."""
+    import os
+
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _print_timing(step: str, started: float, imported: float, configured: float) -> None:
+    """The step's own time apart from what the process spent before it: interpreter and cgflow
+    start-up, the step's imports, reading the config and building the system."""
+    now = time.perf_counter()
+    age = process_age_s()
+    before = None if age is None else max(age - (now - started), 0.0)
+    timing = {
+        "step": step,
+        "startup_s": before,
+        "imports_s": imported - started,
+        "setup_s": configured - imported,
+        "compute_s": now - configured,
+    }
+    print(f"{TIMING_PREFIX} {json.dumps(timing)}", flush=True)
 
 
 def _settings_from_args(args: argparse.Namespace):
@@ -39,6 +71,8 @@ def _settings_from_args(args: argparse.Namespace):
 
 
 def _add_chunk_options(p: argparse.ArgumentParser) -> None:
+    """Options of a reference chunk (their defaults come from the reference module, which
+    imports torch: the parser adds them only when the ``reference`` command is parsed)."""
     from .reference import ChunkSettings
 
     d = ChunkSettings()
@@ -119,11 +153,16 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_wf(args: argparse.Namespace) -> int:
-    """Workflow steps: parse, then call the stage function of :mod:`cgflow.stages`."""
+    """Workflow steps: parse, then call the stage function of :mod:`cgflow.stages`; the last
+    line printed gives the seconds of start-up (interpreter and cgflow), of the step's imports
+    and of the step itself (:data:`TIMING_PREFIX`)."""
     import os
 
-    if args.step == "check":  # needs no configuration
-        from .stages.select import check
+    started = time.perf_counter()
+    if args.step == "check":  # needs no configuration and no torch
+        from .stages.status import check
+
+        imported = time.perf_counter()
 
         status = check(
             args.iteration,
@@ -135,21 +174,29 @@ def cmd_wf(args: argparse.Namespace) -> int:
             args.stop_threshold,
         )
         print(json.dumps(status))
+        _print_timing(args.step, started, imported, imported)
+        return 0
+    if args.step == "snapshot":  # no torch either
+        from .config import write_snapshot
+
+        imported = time.perf_counter()
+        write_snapshot(json.loads(args.json), args.out)
+        _print_timing(args.step, started, imported, imported)
         return 0
     import torch
 
     torch.set_num_threads(int(os.environ.get("CGFLOW_TORCH_THREADS", "1")))
     from . import config as cfgmod
     from .stages import ensemble, evaluate, labels, report, select, start, train
-    from .stages.settings import Settings, write_snapshot
+    from .stages.settings import Settings
 
-    if args.step == "snapshot":
-        write_snapshot(json.loads(args.json), args.out)
-        return 0
+    imported = time.perf_counter()
     if args.step == "speedup":
         report.speedup(args.summary, args.baselines, args.out, args.out_md)
+        _print_timing(args.step, started, imported, imported)
         return 0
     st = Settings.load(args.config)
+    configured = time.perf_counter()
     a, k = args, getattr(args, "iteration", 0)
     calls = {
         "start": lambda: start.start(st, a.out),
@@ -183,6 +230,7 @@ def cmd_wf(args: argparse.Namespace) -> int:
         ),
     }
     calls[args.step]()
+    _print_timing(args.step, started, imported, configured)
     return 0
 
 
@@ -390,7 +438,10 @@ def _aldp():
     return get_system("alanine_dipeptide")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The command-line parser; the reference chunk options (whose defaults need torch) are
+    added only when ``argv`` is a ``reference`` command (or not given)."""
+    full = argv is None or (len(argv) > 0 and argv[0] == "reference")
     parser = argparse.ArgumentParser(prog="cgflow", description="cgflow command line")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
@@ -404,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=int, required=True)
     p.add_argument("--previous", type=Path, default=None)
     p.add_argument("--out", type=Path, required=True)
-    _add_chunk_options(p)
+    if full:
+        _add_chunk_options(p)
     p = rsub.add_parser("merge", help="merge chunks into a reference file")
     p.add_argument("chunks", type=Path, nargs="+")
     p.add_argument("--out", type=Path, required=True)
@@ -414,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks", type=int, required=True, help="total number of chunks wanted")
     p.add_argument("--out", type=Path, required=True, help="merged reference file")
     p.add_argument("--discard-chunks", type=int, default=0, help="burn-in chunks left out")
-    _add_chunk_options(p)
+    if full:
+        _add_chunk_options(p)
     ref.set_defaults(func=cmd_reference)
     _add_wf(sub)
     p = sub.add_parser("run", help="run or resume a campaign in this process (no Snakemake)")
@@ -427,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.version:
         from . import __version__

@@ -57,6 +57,19 @@ def snapshot(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in STOP_KEYS + POST_KEYS}
 
 
+def write_snapshot(cfg: dict[str, Any], out: str | Path) -> Path:
+    """Write the campaign's config snapshot: validated, defaults filled in, without the stop and
+    post-campaign keys (:data:`STOP_KEYS`, :data:`POST_KEYS`)."""
+    import yaml
+
+    from cgflow.data import atomic_path
+
+    snap = snapshot(validated(cfg))
+    with atomic_path(out) as tmp:
+        tmp.write_text(yaml.safe_dump(snap, sort_keys=True))
+    return Path(out)
+
+
 def has_topology(cfg: dict[str, Any]) -> bool:
     """Does the configured system have an all-atom topology (backmapping possible)?"""
     return cfg["system"]["name"] in TOPOLOGY_SYSTEMS

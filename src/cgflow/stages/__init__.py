@@ -10,8 +10,8 @@ Each module is one stage and the one place for the HDF5 layout of the files it w
 * :mod:`.labels` — flow draws, sharded energies and PMF labels (``samples/``, ``energies/``,
   ``labels.h5``).
 * :mod:`.ensemble` — the free-energy ensemble fitted to the labels (``ensemble.pt``).
-* :mod:`.select` — CG walkers, the next points and the convergence checkpoint (``walkers.h5``,
-  ``points.h5``, ``status.json``).
+* :mod:`.select` — CG walkers and the next points (``walkers.h5``, ``points.h5``).
+* :mod:`.status` — the convergence checkpoint (``status.json``; no torch).
 * :mod:`.evaluate` — metrics against the system's ground truth and the PMF map.
 * :mod:`.report` — the campaign summary, the speedup table and backmapped structures.
 

@@ -1,18 +1,15 @@
-"""Selection of the next CG points: walkers on the ensemble of iteration k (``walkers.h5``),
-farthest points among them spread into new points (``points.h5``), and the convergence
-checkpoint (``status.json``)."""
+"""Selection of the next CG points: walkers on the ensemble of iteration k (``walkers.h5``) and
+farthest points among them spread into new points (``points.h5``); the convergence checkpoint
+is :mod:`.status`."""
 
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..data import atomic_path, read_h5, write_h5
+from ..data import read_h5, write_h5
 from .points import held_out_split, read_points, write_points
 from .settings import Settings
 from .start import minimum
@@ -116,39 +113,3 @@ def select(st: Settings, iteration: int, walkers_in: Any, points_in: Any, out: A
         tag = torch.cat([tag, torch.full((len(new),), iteration, dtype=torch.int64)])
         group = torch.cat([group, int(group.max()) + 1 + groups if len(group) else groups])
     write_points(st, out, iteration, s, split, tag, group, centres.numpy())
-
-
-def check(
-    iteration: int,
-    walkers_in: Any,
-    metrics_in: Any,
-    out: Any,
-    max_iterations: int,
-    stop_metric: str | None = None,
-    stop_threshold: float | None = None,
-) -> dict[str, Any]:
-    """Converged? Walkers exhausted (no ground truth needed), a metric below its threshold, or
-    the last iteration. The stop settings come as arguments (the workflow keeps them out of the
-    config snapshot so that a campaign can be extended)."""
-    if stop_metric is not None and stop_threshold is None:
-        raise ValueError(f"stop metric {stop_metric!r} needs a threshold")
-    w = read_h5(walkers_in, "walkers", datasets=["points"])
-    metrics = json.loads(Path(metrics_in).read_text())
-    status = {"iteration": iteration, "converged": False, "reason": "continue"}
-    if w.attrs["exhausted"] and len(w["points"]) == 0:
-        status.update(converged=True, reason="walkers exhausted")
-    elif stop_metric and metrics.get(stop_metric, math.inf) < stop_threshold:
-        status.update(converged=True, reason=f"{stop_metric} < {stop_threshold}")
-    elif iteration >= max_iterations:
-        status.update(converged=True, reason="max iterations")
-    with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps(status, indent=1))
-    return status
-
-
-def read_status(path: Any) -> dict[str, Any]:
-    """A checkpoint's status (``converged`` flag and reason); a clear error for anything else."""
-    status = json.loads(Path(path).read_text())
-    if not isinstance(status, dict) or not isinstance(status.get("converged"), bool):
-        raise ValueError(f"{path}: expected a JSON object with a boolean 'converged'")
-    return status

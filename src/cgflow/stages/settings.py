@@ -4,14 +4,13 @@ backends (every call counted), per-stage seeds and the provenance of each file."
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
 from .. import config as cfgmod
-from ..data import Provenance, atomic_path, config_hash
+from ..data import Provenance, config_hash
 from ..energy.counting import CountingBackend, EvaluationCounter
 
 #: stage numbers for seed derivation (stable: changing them changes every result)
@@ -113,12 +112,3 @@ class Settings:
         elif kind == "torch":
             opts = {"dtype": getattr(torch, e["torch_dtype"])}
         return CountingBackend(self.system.energy_backend(kind, **opts), counter, "labels"), opts
-
-
-def write_snapshot(cfg: dict[str, Any], out: str | os.PathLike) -> Path:
-    """Write the campaign's config snapshot: validated, defaults filled in, without the stop and
-    post-campaign keys (:data:`cgflow.config.STOP_KEYS`, :data:`~cgflow.config.POST_KEYS`)."""
-    snap = cfgmod.snapshot(cfgmod.validated(cfg))
-    with atomic_path(out) as tmp:
-        tmp.write_text(yaml.safe_dump(snap, sort_keys=True))
-    return Path(out)
