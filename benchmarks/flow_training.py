@@ -4,7 +4,10 @@ Baseline: the original code's setting (float64 flow, batch 64, 12 blocks x 256 h
 in the same run; every row is printed as a ratio of samples/s to it. Energies come from the torch
 backend (float32 unless the row says otherwise), on one thread.
 
-    python benchmarks/flow_training.py [--steps 5]
+    python benchmarks/flow_training.py [--steps 5] [--device cpu|cuda]
+
+With ``--device cuda`` the flow, the batch and the torch energies live on the GPU (the baseline
+too, so the ratios compare settings on the same device).
 """
 
 from __future__ import annotations
@@ -35,14 +38,17 @@ class TimedBackend:
         return out
 
 
-def measure(system, blocks, hidden, batch, flow_dtype, energy_dtype, steps):
-    flow = build_flow(system, n_blocks=blocks, hidden=hidden).to(flow_dtype)
+def measure(system, blocks, hidden, batch, flow_dtype, energy_dtype, steps, device="cpu"):
+    flow = build_flow(system, n_blocks=blocks, hidden=hidden).to(device=device, dtype=flow_dtype)
     opt = torch.optim.Adam(flow.parameters(), lr=1e-6)
-    backend = TimedBackend(TorchEnergy.from_openmm(system.openmm_system, dtype=energy_dtype))
+    backend = TimedBackend(
+        TorchEnergy.from_openmm(system.openmm_system, dtype=energy_dtype, device=device)
+    )
     x0, _ = system.initial_configuration()
-    s = system.cg(torch.as_tensor(x0[None], dtype=flow_dtype)).expand(batch, -1)
+    s = system.cg(torch.as_tensor(x0[None], dtype=flow_dtype)).expand(batch, -1).to(device)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     counter = EvaluationCounter()
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
 
     def step():
         losses, _ = reverse_kl_losses(flow, system, backend, s, counter, generator=gen)
@@ -53,10 +59,12 @@ def measure(system, blocks, hidden, batch, flow_dtype, energy_dtype, steps):
             opt.step()
 
     step()  # warm-up
+    sync()
     backend.seconds = 0.0
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
+    sync()
     total = time.perf_counter() - t0
     return {
         "samples_per_s": steps * batch / total,
@@ -68,7 +76,10 @@ def measure(system, blocks, hidden, batch, flow_dtype, energy_dtype, steps):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=5, help="training steps per setting")
+    ap.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device is available")
     torch.set_num_threads(1)
     system = get_system("alanine_dipeptide")
     f64, f32 = torch.float64, torch.float32
@@ -83,9 +94,14 @@ def main() -> None:
     ]
     rows = []
     for label, blocks, hidden, batch, fdt, edt in settings:
-        rows.append((label, measure(system, blocks, hidden, batch, fdt, edt, args.steps)))
+        rows.append(
+            (label, measure(system, blocks, hidden, batch, fdt, edt, args.steps, args.device))
+        )
     base = rows[0][1]["samples_per_s"]
-    print(f"reverse-KL training, alanine dipeptide flow, 1 thread, torch {torch.__version__}")
+    print(
+        f"reverse-KL training, alanine dipeptide flow, {args.device} (1 CPU thread), "
+        f"torch {torch.__version__}"
+    )
     print(
         f"{'setting':<34} {'samples/s':>10} {'ratio':>7} {'energy s/step':>14} {'flow s/step':>12}"
     )

@@ -135,6 +135,21 @@ def test_end_to_end(complete_run):
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
+def test_overhead_benchmark_reads_every_job(complete_run):
+    """benchmarks/workflow_overhead.py pairs each job's benchmark file with its step's timing."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from workflow_overhead import STEP_KEYS, job_times
+    finally:
+        sys.path.pop(0)
+    jobs = job_times(complete_run / CAMPAIGN)
+    assert {"finetune", "sample", "energy", "gather", "ensemble", "check"} <= set(jobs["rule"])
+    assert (jobs["rule"] == "energy").sum() == 2 * 3  # two shards, three iterations
+    steps = jobs.dropna(subset=list(STEP_KEYS))
+    assert len(steps) == len(jobs), jobs[jobs[list(STEP_KEYS)].isna().any(axis=1)]
+    assert (steps["compute_s"] >= 0).all() and (steps["s"] > 0).all()
+
+
 def test_report_of_the_finished_campaign(complete_run):
     wd = complete_run
     t0 = time.perf_counter()
