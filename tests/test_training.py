@@ -116,6 +116,30 @@ def test_mueller_brown_by_example_and_energy_with_counting():
     np.testing.assert_allclose(f - f[0], exact - exact[0], atol=0.15)
 
 
+def test_old_rows_fraction_or_every_old_point():
+    """old_fraction: a fraction of the new rows, capped at rows_per_point per old point; "all":
+    rows_per_point at every old point, whatever the number of new rows."""
+    cfg = energy_config(rows_per_point=2, old_fraction=0.5)
+    assert cfg.old_rows(100, 1000) == 50 and cfg.old_rows(100, 10) == 20
+    every = energy_config(rows_per_point=2, old_fraction="all")
+    assert every.old_rows(100, 1000) == 2000 and every.old_rows(0, 7) == 14
+    with pytest.raises(ValueError, match="old_fraction"):
+        energy_config(old_fraction="most")
+    with pytest.raises(ValueError, match="old_fraction"):
+        energy_config(old_fraction=-1.0)
+    # training counts every row: 3 epochs x (4 new + 6 old points) x 1 row, batch 5
+    from cgflow.systems import get_system
+
+    mb = get_system("mueller_brown")
+    flow = build_flow(mb, cond_mean=[-2.0], cond_std=[0.3])
+    counter = EvaluationCounter()
+    new = torch.linspace(-2.2, -2.0, 4, dtype=torch.float64)[:, None]
+    old = torch.linspace(-1.9, -1.6, 6, dtype=torch.float64)[:, None]
+    cfg = energy_config(epochs=3, batch_size=5, rows_per_point=1, old_fraction="all")
+    train_by_energy(flow, mb, mb.energy_backend(), new, cfg, counter, old_points=old)
+    assert counter["training_draws"] == 3 * 10
+
+
 def test_chirality_filter_skips_energy_calls(aldp):
     """D-form draws are not energy-evaluated: counted as draws, not as evaluations."""
     flow = build_flow(aldp, n_blocks=2, hidden=16).double()

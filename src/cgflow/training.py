@@ -159,7 +159,9 @@ class EnergyConfig:
     lr: float
     batch_size: int  #: rows per step; each row is one draw at one CG point
     rows_per_point: int  #: rows per CG point per epoch
-    old_fraction: float  #: old-point rows per epoch, as a fraction of the new-point rows
+    #: old-point rows per epoch, as a fraction of the new-point rows; ``"all"``: every old point
+    #: ``rows_per_point`` times
+    old_fraction: float | str
     warmup_epochs: int  #: linear ramp (e+1)/W of the lr in each call
     clip_early: float
     clip_late: float
@@ -171,6 +173,17 @@ class EnergyConfig:
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.rows_per_point < 1:
             raise ValueError("epochs must be >= 0, batch_size and rows_per_point >= 1")
+        if self.old_fraction != "all" and not (
+            isinstance(self.old_fraction, int | float) and self.old_fraction >= 0
+        ):
+            raise ValueError(f"old_fraction must be >= 0 or 'all'; got {self.old_fraction!r}")
+
+    def old_rows(self, n_new_rows: int, n_old_points: int) -> int:
+        """Rows at old points per epoch, given the rows at new points and the old points."""
+        every = n_old_points * self.rows_per_point
+        return (
+            every if self.old_fraction == "all" else min(int(self.old_fraction * n_new_rows), every)
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -233,7 +246,8 @@ def train_by_energy(
     """Reverse-KL epochs on ``new_points`` plus a fraction of ``old_points`` per epoch.
 
     Every epoch draws ``rows_per_point`` rows per new point and ``old_fraction`` times as many
-    rows from the old points; batches whose robust loss is non-finite are skipped (counted).
+    rows from the old points (``"all"``: ``rows_per_point`` rows per old point); batches whose
+    robust loss is non-finite are skipped (counted).
     """
     dtype = next(flow.parameters()).dtype
     new_points = torch.as_tensor(new_points, dtype=dtype)
@@ -244,7 +258,7 @@ def train_by_energy(
     gen = torch.Generator().manual_seed(config.seed)
     hist = EnergyHistory()
     n_new = new_points.shape[0] * config.rows_per_point
-    n_old = min(int(config.old_fraction * n_new), old_points.shape[0] * config.rows_per_point)
+    n_old = config.old_rows(n_new, old_points.shape[0])
     for epoch in range(config.epochs):
         factor = config.lr_factor(epoch)
         for group in opt.param_groups:
