@@ -49,14 +49,13 @@ def shrunk_config(cfg: dict, shrink: int, device: str) -> dict:
 
 
 def rule_seconds(campaign_dir: Path, iteration: int) -> pd.Series:
-    """Seconds per rule of one iteration (shards summed), from the runner's benchmark files."""
-    rows = {}
-    for tsv in sorted((campaign_dir / "benchmarks").glob(f"*/iter_{iteration:03d}*.tsv")):
-        rule = tsv.parent.name
-        rows[rule] = rows.get(rule, 0.0) + float(pd.read_csv(tsv, sep="\t")["s"].iloc[-1])
-    if not rows:
-        raise SystemExit(f"no benchmark files of iteration {iteration} under {campaign_dir}")
-    return pd.Series(rows)
+    """Seconds per rule of one iteration (shards summed): the ``seconds_<rule>`` columns of the
+    campaign's ``summary.csv``."""
+    summary = pd.read_csv(campaign_dir / "summary.csv").set_index("iteration")
+    row = summary.loc[iteration].filter(like="seconds_").dropna()
+    if row.empty:
+        raise SystemExit(f"{campaign_dir}/summary.csv has no seconds of iteration {iteration}")
+    return row.rename(lambda c: c.removeprefix("seconds_")).astype(float)
 
 
 def main(argv: list[str] | None = None) -> int:
