@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from cgflow.free_energy import FreeEnergyEnsemble, LabelResult, pmf_labels
+from cgflow.free_energy import FreeEnergyEnsemble, LabelResult, log_weight_gap, pmf_labels
 
 # ------------------------------------------------------------------------------ label estimator
 # Conditional Gaussian target p~(x, s) = exp(-(x - A s)² / (2 SP²) - C s² / 2) restricted to the
@@ -404,3 +404,29 @@ def test_weighted_fit_ignores_down_weighted_labels_and_early_stopping_keeps_the_
     with pytest.raises(ValueError, match="weights"):
         ens.fit(s, F, epochs=5, lr=1e-2, batch_size=32, weights=-torch.ones_like(F))
     assert torch.isfinite(best).all()
+
+
+def test_log_weight_gap_is_zero_for_a_perfect_flow_and_grows_with_the_mismatch():
+    """log mean w − median log w per point: 0 with equal weights, about σ²/2 for log-normal
+    weights of spread σ, inf when half the draws are rejected, NaN without draws; any order
+    of the draws and of the points."""
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    lw = torch.cat(
+        [
+            torch.full((n,), -3.0),
+            0.5 * torch.randn(n, generator=g),
+            2.0 * torch.randn(n, generator=g),
+        ]
+    )
+    point = torch.arange(3).repeat_interleave(n)
+    perm = torch.randperm(3 * n, generator=g)
+    gap = log_weight_gap(point[perm], lw[perm], 5)
+    assert gap[0] == pytest.approx(0.0, abs=1e-12)
+    assert gap[1] == pytest.approx(0.5**2 / 2, abs=0.03)
+    assert gap[2] == pytest.approx(2.0**2 / 2, abs=0.3)
+    assert torch.isnan(gap[3:]).all()
+    rejected = log_weight_gap(
+        torch.zeros(4, dtype=torch.int64), torch.tensor([0.0, 1.0, -math.inf, -math.inf]), 1
+    )
+    assert torch.isinf(rejected).all()

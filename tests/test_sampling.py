@@ -163,6 +163,59 @@ def test_mass_weighted_walkers_stop_only_where_an_error_costs_mass():
         cg_walkers(field, starts, (True, True), TORUS, 0.1, 0.3, mass_temperature_kT=0.0, **kw)
 
 
+def test_novelty_stops_walkers_where_no_labelled_point_is_near():
+    """σ = 0 everywhere, so disagreement alone never stops a walker (exhausted); with labelled
+    points around (0, 0) and a novelty radius of 0.5, walkers stop as soon as they leave that
+    disk (after min_steps), across the periodic seam too."""
+    field = Field(
+        lambda s: torch.zeros(s.shape[0], dtype=s.dtype),
+        lambda s: torch.zeros(s.shape[0], dtype=s.dtype),
+    )
+    known = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, -0.1]], dtype=torch.float64)
+    starts = torch.zeros(40, 2, dtype=torch.float64)
+    kw = dict(n_wanted=10, max_steps=3000, min_steps=3, seed=2)
+    plain = cg_walkers(field, starts, (True, True), TORUS, 0.1, 0.1, **kw)
+    assert plain.exhausted and len(plain.points) == 0
+    novel = cg_walkers(
+        field, starts, (True, True), TORUS, 0.1, 0.1, novelty_points=known, novelty_radius=0.5, **kw
+    )
+    assert not novel.exhausted and len(novel.points) == 10
+    d = periodic_difference(novel.points[:, None], known[None], (True, True), TORUS)
+    nearest = torch.linalg.vector_norm(d, dim=-1).min(dim=1).values
+    assert (nearest > 0.5).all() and (nearest < 0.5 + 4 * 0.1 * 2).all()
+    assert (novel.stop_steps > 3).all()
+    # a known point just across the seam counts as near
+    seam = torch.tensor([[PI - 0.05, 0.0]], dtype=torch.float64)
+    at_seam = torch.tensor([[-PI + 0.05, 0.0]], dtype=torch.float64).expand(10, 2)
+    near = cg_walkers(
+        field,
+        at_seam,
+        (True, True),
+        TORUS,
+        1e-6,
+        0.1,
+        n_wanted=1,
+        max_steps=20,
+        novelty_points=seam,
+        novelty_radius=0.5,
+    )
+    assert near.exhausted
+    with pytest.raises(ValueError, match="together"):
+        cg_walkers(field, starts, (True, True), TORUS, 0.1, 0.1, novelty_radius=0.5, **kw)
+    with pytest.raises(ValueError, match="novelty_radius"):
+        cg_walkers(
+            field,
+            starts,
+            (True, True),
+            TORUS,
+            0.1,
+            0.1,
+            novelty_points=known,
+            novelty_radius=0.0,
+            **kw,
+        )
+
+
 def test_walkers_wrap_across_the_seam():
     # start at φ = 3.0; std high only in φ ∈ [-3.0, -2.6]: reachable fast only through ±π
     field = Field(

@@ -7,7 +7,13 @@ import pytest
 import torch
 import yaml
 
-from cgflow.config import allocates_draws, focuses_training, needs_previous_labels, write_snapshot
+from cgflow.config import (
+    allocates_draws,
+    focuses_training,
+    needs_previous_labels,
+    prioritizes_training,
+    write_snapshot,
+)
 from cgflow.data import read_h5
 from cgflow.free_energy import FreeEnergyEnsemble
 from cgflow.stages import ensemble, evaluate, labels, report, select, start, train
@@ -92,9 +98,10 @@ def run_iteration(st, root, k, n_shards=1, max_iterations=1):
     """Iteration k through the stage functions, as the workflow's rules call them."""
     prev, it = root / f"iter_{k - 1:03d}", root / f"iter_{k:03d}"
     i0 = root / "iter_000"
-    focus = [prev / "ensemble.pt"] if focuses_training(st.cfg, k) else []
+    focus = prev / "ensemble.pt" if focuses_training(st.cfg, k) else None
+    prio = prev / "labels.h5" if prioritizes_training(st.cfg, k) else None
     train.finetune(
-        st, k, prev / "flow.pt", prev / "points.h5", it / "flow.pt", it / "train.h5", *focus
+        st, k, prev / "flow.pt", prev / "points.h5", it / "flow.pt", it / "train.h5", focus, prio
     )
     samples = [it / "samples" / f"shard_{j}.h5" for j in range(n_shards)]
     energies = [it / "energies" / f"shard_{j}.h5" for j in range(n_shards)]
@@ -521,6 +528,8 @@ def test_pooled_labels_combine_every_iterations_draws(tmp_path, allocate):
     cfg["labels"]["min_draws"] = 4
     cfg["labels"]["populated_kT"] = 0.5
     cfg["energy_training"]["focus_populated"] = allocate
+    cfg["energy_training"]["priority"] = {"kind": "gap" if allocate else "uniform"}
+    cfg["walkers"]["novelty_radius"] = 0.05 if allocate else None
     st = Settings.load(write_snapshot(cfg, tmp_path / "config.yaml"))
     run_iteration_zero(st, tmp_path)
     for k in (1, 2):
@@ -533,6 +542,7 @@ def test_pooled_labels_combine_every_iterations_draws(tmp_path, allocate):
     ).all()
     tr = read_h5(tmp_path / "iter_002" / "train.h5", "train").attrs
     assert tr["focus_populated"] is allocate
+    assert tr["priority"] == ("gap" if allocate else "uniform")
     if allocate:
         assert len(np.unique(new)) > 1 and new.min() >= 4 and new.sum() <= 16 * len(new)
         # fine-tuning trains only at the points iteration 1's ensemble predicts populated
@@ -546,7 +556,14 @@ def test_pooled_labels_combine_every_iterations_draws(tmp_path, allocate):
         keep = train.populated(st2, i1 / "ensemble.pt", s1)
         out = tmp_path / "focus"
         train.finetune(
-            st2, 2, i1 / "flow.pt", i1 / "points.h5", out / "f.pt", out / "t.h5", i1 / "ensemble.pt"
+            st2,
+            2,
+            i1 / "flow.pt",
+            i1 / "points.h5",
+            out / "f.pt",
+            out / "t.h5",
+            i1 / "ensemble.pt",
+            i1 / "labels.h5",
         )
         tr2 = read_h5(out / "t.h5", "train").attrs
         n_kept = int((keep & is_train).sum())
@@ -568,6 +585,14 @@ def test_pooled_labels_combine_every_iterations_draws(tmp_path, allocate):
         assert len(w) == lab["n_draws"][r]
         want = math.log(len(w)) - float(torch.logsumexp(w, 0))
         assert lab["F_kT"][r] == pytest.approx(want, abs=1e-9)
+        # the gap uses this iteration's draws only (the last n_draws_iteration of them)
+        w2 = w[-int(lab["n_draws_iteration"][r]) :]
+        gap = (
+            float(torch.logsumexp(w2, 0))
+            - math.log(len(w2))
+            - float(w2.sort().values[(len(w2) - 1) // 2])
+        )
+        assert lab["log_w_gap_iteration"][r] == pytest.approx(gap, abs=1e-9)
     assert np.isfinite(lab["se_kT"]).all() and (lab["se_kT"] > 0).all()
     metrics = json.loads((tmp_path / "iter_002" / "metrics.json").read_text())
     assert 0 < metrics["flow_ess_fraction"] <= 1 and metrics["label_se_populated_kT"] > 0

@@ -164,3 +164,42 @@ def test_chirality_filter_skips_energy_calls(aldp):
     assert calls == [256 - rejected] and counter["training"] == 256 - rejected
     assert counter["training_draws"] == 256
     assert int(torch.isnan(losses).sum()) >= rejected
+
+
+def test_priority_weights_send_old_rows_where_the_gap_is_large(monkeypatch):
+    """min(gap, cap)^power; NaN gaps count as the median, inf as the cap. Weighted old rows are
+    drawn in proportion: one of 50 old points with weight 25 (the others 1) gets about a third
+    of the old rows instead of a fiftieth."""
+    import cgflow.training as tr
+    from cgflow.systems import get_system
+
+    w = tr.priority_weights(torch.tensor([1.0, 5.0, math.inf, math.nan, 1.0]), 10.0, 2.0)
+    assert w.tolist() == [1.0, 25.0, 100.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="cap_nat"):
+        tr.priority_weights(torch.ones(2), cap_nat=0.0, power=1.0)
+    mb = get_system("mueller_brown")
+    flow = build_flow(mb, cond_mean=[-2.0], cond_std=[0.3])
+    old = torch.linspace(-1.9, -1.5, 50, dtype=torch.float64)[:, None]
+    weights = torch.ones(50)
+    weights[7] = 25.0
+    seen = []
+    real = tr.reverse_kl_losses
+
+    def spy(flow, system, backend, s, counter, **kw):
+        seen.append(s.detach().clone())
+        return real(flow, system, backend, s, counter, **kw)
+
+    monkeypatch.setattr(tr, "reverse_kl_losses", spy)
+    cfg = energy_config(epochs=4, batch_size=51, rows_per_point=1, old_fraction=50.0)
+    new = torch.tensor([[-2.1]], dtype=torch.float64)
+    counter = EvaluationCounter()
+    backend = mb.energy_backend()
+    tr.train_by_energy(flow, mb, backend, new, cfg, counter, old_points=old, old_weights=weights)
+    rows = torch.cat(seen)[:, 0].to(torch.float64)
+    assert len(rows) == 4 * 51
+    n7 = int((rows == old[7, 0].to(rows.dtype)).sum())
+    assert 40 <= n7 <= 100  # expected 200 x 25 / 74 = 68; uniform: 4
+    with pytest.raises(ValueError, match="old_weights"):
+        tr.train_by_energy(
+            flow, mb, backend, new, cfg, counter, old_points=old, old_weights=torch.ones(3)
+        )

@@ -203,7 +203,7 @@ def cmd_wf(args: argparse.Namespace) -> int:
         "pretrain": lambda: start.pretrain(st, a.start, a.out),
         "initial-points": lambda: start.initial_points(st, a.start, a.out),
         "finetune": lambda: train.finetune(
-            st, k, a.flow, a.points, a.out_flow, a.out_train, a.ensemble
+            st, k, a.flow, a.points, a.out_flow, a.out_train, a.ensemble, a.labels
         ),
         "sample": lambda: labels.sample(
             st, k, a.flow, a.points, a.shard, a.n_shards, a.out, a.ensemble, a.labels
@@ -279,6 +279,7 @@ def _add_wf(sub: argparse._SubParsersAction) -> None:
         ("--flow", req),
         ("--points", req),
         ("--ensemble", {"type": P, "default": None}),
+        ("--labels", {"type": P, "default": None}),
         ("--out-flow", req),
         ("--out-train", req),
         iteration=True,

@@ -102,6 +102,11 @@ def focuses_training(cfg: dict[str, Any], k: int) -> bool:
     return bool(cfg["energy_training"]["focus_populated"]) and k >= 2
 
 
+def prioritizes_training(cfg: dict[str, Any], k: int) -> bool:
+    """Does iteration k's fine-tuning weight its old points by iteration k − 1's labels?"""
+    return cfg["energy_training"]["priority"]["kind"] == "gap" and k >= 2
+
+
 def stop_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     """The convergence settings of `check` (of a validated config): iteration limit and the
     optional metric rule."""

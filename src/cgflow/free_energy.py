@@ -172,6 +172,30 @@ class WeightSums:
         return LabelResult(F_kT=F, ess=ess, n_valid=self.n_valid, se_kT=se)
 
 
+def log_weight_gap(point: torch.Tensor, log_w: torch.Tensor, n_points: int) -> torch.Tensor:
+    """Per point, ``log mean w − median log w`` (nats) of its draws ``log_w [N]`` (rejected
+    draws: −inf, weight 0): how far a typical draw's weight lies below the mean, a robust
+    version of the flow's reverse KL at that point (0 for a perfect flow; grows where the flow
+    misses the target). inf where half or more of the draws are rejected, NaN without draws."""
+    point = torch.as_tensor(point).to(torch.int64)
+    lw = torch.as_tensor(log_w).to(torch.float64)
+    lw = torch.where(torch.isfinite(lw), lw, torch.full_like(lw, -math.inf))
+    sums = WeightSums.from_draws(point, lw, n_points)
+    n = sums.n_draws
+    log_mean = sums.log_sum_w - torch.log(n.clamp(min=1).to(torch.float64))
+    # lower median of each point's draws: sort by (point, log w)
+    order = torch.argsort(lw, stable=True)
+    order = order[torch.argsort(point[order], stable=True)]
+    first = torch.cumsum(n, 0) - n
+    median = torch.full((n_points,), math.nan, dtype=torch.float64)
+    has = n > 0
+    median[has] = lw[order[first[has] + (n[has] - 1) // 2]]
+    gap = log_mean - median
+    gap[has & torch.isinf(median)] = math.inf
+    gap[~has] = math.nan
+    return gap
+
+
 def populated(F_kT: torch.Tensor, populated_kT: float) -> torch.Tensor:
     """Which free energies lie within ``populated_kT`` of the lowest finite one (a non-finite
     value counts as populated: nothing is known against it)."""

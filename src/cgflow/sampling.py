@@ -144,6 +144,8 @@ def cg_walkers(
     seed: int = 0,
     mass_temperature_kT: float | None = None,
     F_low_kT: float = 0.0,
+    novelty_points: torch.Tensor | None = None,
+    novelty_radius: float | None = None,
 ) -> WalkerResult:
     """Parallel Metropolis walkers on ``exp(-beta F̄(s))`` that stop where the ensemble std is high.
 
@@ -155,6 +157,10 @@ def cg_walkers(
     With ``mass_temperature_kT = T`` the disagreement is weighted by the point's probability:
     a walker stops where ``σ · exp(−max(F̄ − F_low_kT, 0) / T) > threshold_kT``, so points are
     added where an error costs probability mass (``F_low_kT``: the lowest F̄ of interest).
+    With ``novelty_radius = r`` a walker also stops where no point of ``novelty_points [K, d]``
+    (the labelled points) lies within ``r`` (minimum-image distance): an ensemble fitted to
+    capped labels agrees with itself in a region it has never seen, so its disagreement alone
+    never sends points there.
 
     Runs until ``n_wanted`` walkers have stopped and returns the ``n_wanted`` earliest (by stop
     step, ties by walker index). If ``max_steps`` pass first, returns the walkers stopped so far
@@ -176,6 +182,23 @@ def cg_walkers(
     if ((x < lo) | (x > hi)).any():
         raise ValueError("starts lie outside the bounds of a non-periodic coordinate")
     gen = torch.Generator().manual_seed(int(seed))
+    if (novelty_radius is None) != (novelty_points is None):
+        raise ValueError("novelty_radius and novelty_points go together")
+    if novelty_radius is not None:
+        if not novelty_radius > 0:
+            raise ValueError(f"novelty_radius must be > 0 (or None); got {novelty_radius}")
+        known = _check_points(novelty_points, per.shape[0], "novelty_points")
+
+    def far(points: torch.Tensor) -> torch.Tensor:
+        """Points with no known point within the novelty radius."""
+        if not len(known):
+            return torch.ones(len(points), dtype=torch.bool)
+        d = (
+            torch.linalg.vector_norm(_difference(points[:, None], known[None], per, lo, hi), dim=-1)
+            .min(dim=1)
+            .values
+        )
+        return d > novelty_radius
 
     def evaluate(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, std = predict(points)
@@ -215,6 +238,9 @@ def cg_walkers(
             if mass_temperature_kT is not None:
                 score = sigma * torch.exp(-(F - F_low_kT).clamp(min=0.0) / mass_temperature_kT)
             stops = running & (score > threshold_kT)
+            if novelty_radius is not None and bool((running & ~stops).any()):
+                rest = (running & ~stops).nonzero().squeeze(1)
+                stops[rest[far(x[rest])]] = True
             stop_step[stops] = step
             running &= ~stops
     stopped = (stop_step >= 0).nonzero().squeeze(1)  # ascending walker index

@@ -203,12 +203,34 @@ class EnergyHistory:
     lr: list[float] = field(default_factory=list)
 
 
-def _rows(points: torch.Tensor, n_rows: int, gen: torch.Generator) -> torch.Tensor:
-    """``n_rows`` CG rows drawn from ``points`` (each point ``rows_per_point`` times, shuffled)."""
+def _rows(
+    points: torch.Tensor,
+    n_rows: int,
+    gen: torch.Generator,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``n_rows`` CG rows drawn from ``points``: each point in turn (shuffled), or with
+    ``weights`` drawn with replacement with probability proportional to them."""
     if n_rows <= 0 or points.shape[0] == 0:
         return points[:0]
+    if weights is not None:
+        idx = torch.multinomial(weights.to(torch.float64), n_rows, replacement=True, generator=gen)
+        return points[idx]
     idx = torch.randperm(points.shape[0], generator=gen).repeat(math.ceil(n_rows / points.shape[0]))
     return points[idx[:n_rows]]
+
+
+def priority_weights(gap_nat: torch.Tensor, cap_nat: float, power: float) -> torch.Tensor:
+    """Training weight of each point from its log-weight gap (:func:`cgflow.free_energy.log_weight_gap`,
+    nats): ``min(gap, cap)^power``; a missing (NaN) gap counts as the median of the others, an
+    infinite one as the cap. The gap is large where the flow is poor at that point (its draws'
+    typical weight far below their mean), whatever the point's free energy."""
+    g = torch.as_tensor(gap_nat, dtype=torch.float64).clone()
+    if not cap_nat > 0 or not power >= 0:
+        raise ValueError(f"need cap_nat > 0 and power >= 0; got {cap_nat}, {power}")
+    known = ~torch.isnan(g)
+    g[~known] = float(g[known].median()) if bool(known.any()) else 1.0
+    return g.clamp(min=0.0, max=cap_nat) ** power
 
 
 def reverse_kl_losses(
@@ -242,12 +264,15 @@ def train_by_energy(
     counter: EvaluationCounter,
     old_points: torch.Tensor | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    old_weights: torch.Tensor | None = None,
 ) -> EnergyHistory:
     """Reverse-KL epochs on ``new_points`` plus a fraction of ``old_points`` per epoch.
 
     Every epoch draws ``rows_per_point`` rows per new point and ``old_fraction`` times as many
-    rows from the old points (``"all"``: ``rows_per_point`` rows per old point); batches whose
-    robust loss is non-finite are skipped (counted).
+    rows from the old points (``"all"``: ``rows_per_point`` rows per old point); with
+    ``old_weights`` (one per old point, >= 0, see :func:`priority_weights`) the old rows are
+    drawn with probability proportional to them. Batches whose robust loss is non-finite are
+    skipped (counted).
     """
     dtype = next(flow.parameters()).dtype
     new_points = torch.as_tensor(new_points, dtype=dtype)
@@ -259,12 +284,25 @@ def train_by_energy(
     hist = EnergyHistory()
     n_new = new_points.shape[0] * config.rows_per_point
     n_old = config.old_rows(n_new, old_points.shape[0])
+    if old_weights is not None:
+        old_weights = torch.as_tensor(old_weights, dtype=torch.float64)
+        if old_weights.shape != (old_points.shape[0],):
+            raise ValueError(
+                f"old_weights has shape {tuple(old_weights.shape)}; need one per old point "
+                f"({old_points.shape[0]})"
+            )
+        if not bool(torch.isfinite(old_weights).all() and (old_weights >= 0).all()):
+            raise ValueError("old_weights must be finite and >= 0")
+        if old_points.shape[0] and not float(old_weights.sum()) > 0:
+            old_weights = None  # nothing to prefer: every old point alike
     for epoch in range(config.epochs):
         factor = config.lr_factor(epoch)
         for group in opt.param_groups:
             group["lr"] = config.lr * factor
         clip = config.clip_early if epoch < config.clip_switch_epoch else config.clip_late
-        rows = torch.cat([_rows(new_points, n_new, gen), _rows(old_points, n_old, gen)])
+        rows = torch.cat(
+            [_rows(new_points, n_new, gen), _rows(old_points, n_old, gen, old_weights)]
+        )
         rows = rows[torch.randperm(rows.shape[0], generator=gen)]
         bs = min(config.batch_size, rows.shape[0])
         total, n_batches, dropped, rejected, skipped = 0.0, 0, 0, 0, 0

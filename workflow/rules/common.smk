@@ -168,8 +168,9 @@ def gather_inputs(wildcards):
 
 
 def finetune_inputs(wildcards):
-    """Inputs of finetune: the previous flow and points, and the previous ensemble when the
-    training focuses on populated points (cgflow.config.focuses_training)."""
+    """Inputs of finetune: the previous flow and points, the previous ensemble when the
+    training focuses on populated points (cgflow.config.focuses_training), the previous labels
+    when it weights old points by their gap (cgflow.config.prioritizes_training)."""
     k = iteration(wildcards)
     inputs = {
         "cfg": config_snapshot(wildcards),
@@ -178,14 +179,15 @@ def finetune_inputs(wildcards):
     }
     if cgconfig.focuses_training(config, k):
         inputs["ensemble"] = iteration_file(wildcards.campaign, k - 1, "ensemble.pt")
+    if cgconfig.prioritizes_training(config, k):
+        inputs["labels"] = iteration_file(wildcards.campaign, k - 1, "labels.h5")
     return inputs
 
 
 def focus_option(wildcards, input):
-    """`--ensemble <file>` when finetune has that input, else nothing."""
-    if "ensemble" in input.keys():
-        return f"--ensemble {input.ensemble}"
-    return ""
+    """`--ensemble <file>` and `--labels <file>` where finetune has those inputs."""
+    keys = input.keys()
+    return " ".join(f"--{k} {input[k]}" for k in ("ensemble", "labels") if k in keys)
 
 
 def sample_inputs(wildcards):

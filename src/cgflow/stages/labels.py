@@ -166,7 +166,7 @@ def gather(
     previous_labels: Any = None,
 ) -> None:
     """PMF labels F(s) = −log mean w over a fixed number of draws per point (rejected = 0)."""
-    from ..free_energy import pmf_labels
+    from ..free_energy import log_weight_gap, pmf_labels
     from ..training import log_weights
 
     if len(samples) != len(energies):
@@ -221,9 +221,12 @@ def gather(
         "log_sum_w2": sums.log_sum_w2,
         "ess_iteration": fresh.labels().ess,
         "n_draws_iteration": fresh.n_draws,
+        "log_w_gap_iteration": log_weight_gap(row, lw, len(points)),
     }
     if previous_labels is not None and not cfgmod.pools_draws(st.cfg):  # carried over
         prev = read_labels(previous_labels)
+        if "log_w_gap_iteration" not in prev:
+            prev["log_w_gap_iteration"] = torch.full_like(prev["F_kT"], math.nan)
         new = {k: torch.cat([prev[k], v]) for k, v in new.items()}
     write_h5(
         out,
@@ -253,6 +256,7 @@ LABEL_UNITS = {
     "log_sum_w2": "nat",
     "ess_iteration": "1",
     "n_draws_iteration": "1",
+    "log_w_gap_iteration": "nat",
 }
 
 
@@ -280,6 +284,9 @@ def _previous_sums(prev: dict[str, torch.Tensor], points: torch.Tensor) -> Weigh
 
 
 def read_labels(path: Any) -> dict[str, torch.Tensor]:
-    """The datasets of a labels file as tensors."""
+    """The datasets of a labels file as tensors (``log_w_gap_iteration`` only where the file
+    has it: labels written before it existed lack it)."""
     d = read_h5(path, "labels")
-    return {k: torch.as_tensor(d[k]) for k in LABEL_UNITS}
+    return {
+        k: torch.as_tensor(d[k]) for k in LABEL_UNITS if k in d.arrays or k != "log_w_gap_iteration"
+    }

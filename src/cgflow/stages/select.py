@@ -69,6 +69,8 @@ def walkers(
         seed=st.stage_seed(iteration, "walkers"),
         mass_temperature_kT=w["mass_temperature_kT"],
         F_low_kT=F_low,
+        novelty_points=p["s"] if w["novelty_radius"] is not None else None,
+        novelty_radius=w["novelty_radius"],
     )
     attrs = {
         "exhausted": bool(res.exhausted),

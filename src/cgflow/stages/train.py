@@ -24,6 +24,27 @@ def populated(st: Settings, ensemble_in: Any, s: torch.Tensor) -> torch.Tensor:
     return populated(mean, st["labels"]["populated_kT"])
 
 
+def old_point_weights(st: Settings, labels_in: Any, older: torch.Tensor) -> torch.Tensor:
+    """Training weights of the old points ``older`` (point indices) from their log-weight gap
+    in ``labels_in`` (:func:`cgflow.training.priority_weights`; points without one: the median)."""
+    from ..training import priority_weights
+    from .labels import read_labels
+
+    lab = read_labels(labels_in)
+    if "log_w_gap_iteration" not in lab:
+        raise ValueError(
+            f"{labels_in} has no log_w_gap_iteration (written by an older cgflow): "
+            "energy_training.priority.kind gap needs labels gathered with it"
+        )
+    gap = torch.full((len(older),), float("nan"), dtype=torch.float64)
+    row = {int(i): r for r, i in enumerate(lab["point_index"])}
+    for r, i in enumerate(older.tolist()):
+        if i in row:
+            gap[r] = lab["log_w_gap_iteration"][row[i]]
+    pr = st["energy_training"]["priority"]
+    return priority_weights(gap, pr["cap_nat"], pr["power"])
+
+
 def finetune(
     st: Settings,
     iteration: int,
@@ -32,10 +53,12 @@ def finetune(
     flow_out: Any,
     train_out: Any,
     ensemble_in: Any = None,
+    labels_in: Any = None,
 ) -> None:
     """Reverse-KL training on the points added in iteration k−1 plus a fraction of older ones
     (with ``energy_training.focus_populated``: only those ``ensemble_in``, iteration k − 1's,
-    predicts populated)."""
+    predicts populated; with ``energy_training.priority.kind: gap`` the older ones weighted by
+    their log-weight gap in ``labels_in``, iteration k − 1's)."""
     from ..flows import load_flow, load_optimizer, save_flow
     from ..training import EnergyConfig, train_by_energy
 
@@ -45,6 +68,13 @@ def finetune(
             f"iteration {iteration}: with energy_training.focus_populated "
             f"{st['energy_training']['focus_populated']} the previous ensemble must "
             f"{'' if focus else 'not '}be given"
+        )
+    prioritize = cfgmod.prioritizes_training(st.cfg, iteration)
+    if prioritize != (labels_in is not None):
+        raise ValueError(
+            f"iteration {iteration}: with energy_training.priority.kind "
+            f"{st['energy_training']['priority']['kind']!r} the previous labels must "
+            f"{'' if prioritize else 'not '}be given"
         )
     flow, _ = load_flow(flow_in)
     flow = flow.to(st.dtype)
@@ -60,6 +90,9 @@ def finetune(
             is_latest, is_older = is_latest & keep, is_older & keep
     latest = p["s"][is_latest].to(st.dtype)
     older = p["s"][is_older].to(st.dtype)
+    weights = None
+    if prioritize:
+        weights = old_point_weights(st, labels_in, torch.nonzero(is_older).flatten())
     section = st["energy_training"]["first" if iteration == 1 else "later"]
     cfg = EnergyConfig(**section, seed=st.stage_seed(iteration, "finetune"))
     counter = EvaluationCounter()
@@ -67,7 +100,15 @@ def finetune(
     opt = load_optimizer(flow_in, flow, cfg.lr)  # Adam moments carry over between iterations
     with st.training_backend(counter) as backend:
         hist = train_by_energy(
-            flow, st.system, backend, latest, cfg, counter, old_points=older, optimizer=opt
+            flow,
+            st.system,
+            backend,
+            latest,
+            cfg,
+            counter,
+            old_points=older,
+            optimizer=opt,
+            old_weights=weights,
         )
     save_flow(
         flow,
@@ -98,6 +139,7 @@ def finetune(
             "n_latest": len(latest),
             "n_older": len(older),
             "focus_populated": focus,
+            "priority": st["energy_training"]["priority"]["kind"] if prioritize else "uniform",
         },
         counters=counter.as_dict(),
     )
