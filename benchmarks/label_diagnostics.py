@@ -106,7 +106,10 @@ def read_any_labels(path: Path) -> dict[str, torch.Tensor]:
         missing = [n for n in need if n not in f]
         if missing:
             raise SystemExit(f"{path}: no dataset(s) {missing}; this tool needs {list(need)}")
-        return {n: torch.as_tensor(f[n][()]) for n in need}
+        out = {n: torch.as_tensor(f[n][()]) for n in need}
+        if "log_w_gap_iteration" in f:  # labels gathered before it existed lack it
+            out["log_w_gap_iteration"] = torch.as_tensor(f["log_w_gap_iteration"][()])
+        return out
 
 
 def last_labelled_iteration(run: Path) -> int:
@@ -178,6 +181,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         for name, mask in basins.items()
     }
+    in_basin = {name: mask.reshape(-1)[bin_of] for name, mask in basins.items()}
+    gap = d["log_w_gap_iteration"].numpy() if "log_w_gap_iteration" in d else None
+    # every labelled point by basin (whatever its reference F), with the flow's log-weight gap
+    coverage = {
+        name: {
+            "n_points": int(m.sum()),
+            "gap_median_nat": float(np.nanmedian(gap[m])) if gap is not None and m.any() else None,
+        }
+        for name, m in in_basin.items()
+    }
     cap = st["ensemble"]["label_cap_kT"]
     fin = np.isfinite(F_lab)
     out["labels"] = {
@@ -187,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ess_median": float(np.median(d["ess"].numpy())),
         "error_sd_kT": float(np.std(err[low])),
         "error_by_basin": by_basin,
+        "points_by_basin": coverage,
         "se_median_populated_kT": float(np.nanmedian(se[low])),
         "frac_unpopulated": float(np.mean(~(np.isfinite(F_ref) & (F_ref < POPULATED_KT)))),
         "frac_at_cap": math.nan
