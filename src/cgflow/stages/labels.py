@@ -16,7 +16,7 @@ from ..data import read_h5, write_h5
 from ..energy.counting import EvaluationCounter
 from ..free_energy import WeightSums
 from .points import read_points
-from .settings import Settings
+from .settings import Settings, check_given
 
 #: environment variables recorded with each energy shard (which devices and cluster job it saw)
 JOB_ENVIRONMENT = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_JOB_GPUS", "SLURM_GPUS")
@@ -44,11 +44,9 @@ def draw_counts(
     lab = st["labels"]
     draws = int(lab["draws"])
     allocating = cfgmod.allocates_draws(st.cfg, iteration)
-    if allocating != (ensemble_in is not None and labels_in is not None):
-        raise ValueError(
-            f"iteration {iteration}: with labels.allocate {lab['allocate']} the previous "
-            f"ensemble and labels must {'' if allocating else 'not '}be given"
-        )
+    given = ensemble_in is not None and labels_in is not None
+    setting = f"labels.allocate {lab['allocate']}"
+    check_given(iteration, allocating, given, setting, "ensemble and labels")
     if not allocating:
         return np.full(len(idx), draws, dtype=np.int64)
     from ..free_energy import FreeEnergyEnsemble, allocate_draws
@@ -171,12 +169,10 @@ def gather(
 
     if len(samples) != len(energies):
         raise ValueError(f"{len(samples)} sample shards but {len(energies)} energy shards")
-    if cfgmod.needs_previous_labels(st.cfg, iteration) != (previous_labels is not None):
-        raise ValueError(
-            f"iteration {iteration}: with labels.relabel_all {st['labels']['relabel_all']} and "
-            f"labels.pool_draws {st['labels']['pool_draws']} the previous labels file must "
-            f"{'' if previous_labels is None else 'not '}be given"
-        )
+    lab = st["labels"]
+    setting = f"labels.relabel_all {lab['relabel_all']} and labels.pool_draws {lab['pool_draws']}"
+    needed = cfgmod.needs_previous_labels(st.cfg, iteration)
+    check_given(iteration, needed, previous_labels is not None, setting, "labels file")
     p = read_points(points_in)
     draws = int(st["labels"]["draws"])
     idx_all, lw_all = [], []

@@ -28,6 +28,16 @@ STAGES = {
 }
 
 
+def check_given(iteration: int, needed: bool, given: bool, setting: str, what: str) -> None:
+    """Refuse an optional input that the config needs but is missing, or does not need but is
+    given (``setting``: the config keys that decide it, with their values)."""
+    if needed != given:
+        raise ValueError(
+            f"iteration {iteration}: with {setting} the previous {what} must "
+            f"{'' if needed else 'not '}be given"
+        )
+
+
 def stage_seed(base: int, iteration: int, stage: str, shard: int = 0) -> int:
     """The seed of one stage (and shard) of one iteration of a campaign seeded ``base``."""
     return (base * 1_000_003 + iteration * 101 + STAGES[stage] + 7919 * shard) % (2**31 - 1)

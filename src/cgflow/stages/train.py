@@ -12,7 +12,7 @@ from .. import config as cfgmod
 from ..data import write_h5
 from ..energy.counting import EvaluationCounter
 from .points import TRAIN, read_points
-from .settings import Settings
+from .settings import Settings, check_given
 
 
 def populated(st: Settings, ensemble_in: Any, s: torch.Tensor) -> torch.Tensor:
@@ -62,20 +62,13 @@ def finetune(
     from ..flows import load_flow, load_optimizer, save_flow
     from ..training import EnergyConfig, train_by_energy
 
+    et = st["energy_training"]
     focus = cfgmod.focuses_training(st.cfg, iteration)
-    if focus != (ensemble_in is not None):
-        raise ValueError(
-            f"iteration {iteration}: with energy_training.focus_populated "
-            f"{st['energy_training']['focus_populated']} the previous ensemble must "
-            f"{'' if focus else 'not '}be given"
-        )
+    setting = f"energy_training.focus_populated {et['focus_populated']}"
+    check_given(iteration, focus, ensemble_in is not None, setting, "ensemble")
     prioritize = cfgmod.prioritizes_training(st.cfg, iteration)
-    if prioritize != (labels_in is not None):
-        raise ValueError(
-            f"iteration {iteration}: with energy_training.priority.kind "
-            f"{st['energy_training']['priority']['kind']!r} the previous labels must "
-            f"{'' if prioritize else 'not '}be given"
-        )
+    setting = f"energy_training.priority.kind {et['priority']['kind']!r}"
+    check_given(iteration, prioritize, labels_in is not None, setting, "labels")
     flow, _ = load_flow(flow_in)
     flow = flow.to(st.dtype)
     p = read_points(points_in)
