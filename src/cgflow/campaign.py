@@ -106,12 +106,12 @@ def run_campaign(
     for k in range(1, stop["max_iterations"] + 1):
         prev_flow, prev_points = f(k - 1, "flow.pt"), f(k - 1, "points.h5")
         flow, train_h5 = f(k, "flow.pt"), f(k, "train.h5")
-        focus = [f(k - 1, "ensemble.pt")] if cfgmod.focuses_training(cfg, k) else [None]
-        prio = [f(k - 1, "labels.h5")] if cfgmod.prioritizes_training(cfg, k) else [None]
+        focus = f(k - 1, "ensemble.pt") if cfgmod.focuses_training(cfg, k) else None
+        prio = f(k - 1, "labels.h5") if cfgmod.prioritizes_training(cfg, k) else None
         job(
             "finetune",
             [flow, train_h5],
-            [snap, prev_flow, prev_points, *[x for x in focus + prio if x is not None]],
+            [snap, prev_flow, prev_points, *(x for x in (focus, prio) if x is not None)],
             train.finetune,
             st,
             k,
@@ -119,8 +119,8 @@ def run_campaign(
             prev_points,
             flow,
             train_h5,
-            *focus,
-            *prio,
+            focus,
+            prio,
             k=k,
         )
         samples = [Path(shard_file(root, k, "samples", j)) for j in range(n_shards)]

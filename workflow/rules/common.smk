@@ -184,8 +184,9 @@ def finetune_inputs(wildcards):
     return inputs
 
 
-def focus_option(wildcards, input):
-    """`--ensemble <file>` and `--labels <file>` where finetune has those inputs."""
+def previous_options(wildcards, input):
+    """`--ensemble <file>` and `--labels <file>` for those of iteration k - 1's files the job
+    has as inputs (finetune, sample), else nothing."""
     keys = input.keys()
     return " ".join(f"--{k} {input[k]}" for k in ("ensemble", "labels") if k in keys)
 
@@ -203,13 +204,6 @@ def sample_inputs(wildcards):
         inputs["ensemble"] = iteration_file(wildcards.campaign, k - 1, "ensemble.pt")
         inputs["labels"] = iteration_file(wildcards.campaign, k - 1, "labels.h5")
     return inputs
-
-
-def allocation_option(wildcards, input):
-    """`--ensemble <file> --labels <file>` when sample has those inputs, else nothing."""
-    if "ensemble" in input.keys():
-        return f"--ensemble {input.ensemble} --labels {input.labels}"
-    return ""
 
 
 def previous_labels_option(wildcards, input):

@@ -19,7 +19,7 @@ rule sample:
     params:
         k=iteration,
         n_shards=n_shards,
-        allocation=allocation_option,
+        allocation=previous_options,
     shell:
         "cgflow wf sample --config {input.cfg} --iteration {params.k}"
         " --flow {input.flow} --points {input.points} {params.allocation}"

@@ -19,7 +19,7 @@ rule finetune:
         mem_mb=16000,
     params:
         k=iteration,
-        focus=focus_option,
+        focus=previous_options,
     shell:
         "cgflow wf finetune --config {input.cfg} --iteration {params.k}"
         " --flow {input.flow} --points {input.points} {params.focus}"

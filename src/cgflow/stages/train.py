@@ -132,7 +132,7 @@ def finetune(
             "n_latest": len(latest),
             "n_older": len(older),
             "focus_populated": focus,
-            "priority": st["energy_training"]["priority"]["kind"] if prioritize else "uniform",
+            "priority": et["priority"]["kind"] if prioritize else "uniform",
         },
         counters=counter.as_dict(),
     )
