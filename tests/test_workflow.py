@@ -5,6 +5,7 @@ repository are never touched.
 """
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -279,8 +280,11 @@ def test_dry_run_plans(tmp_path):
     }
     assert {k: counts.get(k) for k in expected} == expected, res.stdout
     assert counts.get("total") == sum(expected.values())
-    plain = snakemake(wd, "-n")
+    plain = snakemake(wd, "-n", "-p")
     assert "start" in plain.stdout
+    # the steps that run alone get the rule's threads (capped at --cores)
+    for step in ("finetune", "ensemble"):
+        assert re.search(rf"CGFLOW_TORCH_THREADS=\d+ cgflow wf {step} ", plain.stdout), step
 
 
 def test_bad_config_key_fails_before_any_job(tmp_path):

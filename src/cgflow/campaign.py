@@ -48,13 +48,24 @@ class _Runner:
         *args: Any,
         k: int | None = None,
         shard: int | None = None,
+        threads: int | None = None,
         **kwargs: Any,
     ) -> None:
-        """``fn(*args, **kwargs)`` unless ``outputs`` are newer than ``inputs``."""
+        """``fn(*args, **kwargs)`` unless ``outputs`` are newer than ``inputs``; with
+        ``threads``, torch uses that many CPU threads during the call (as the rule's
+        ``threads`` in the workflow)."""
         if _fresh([Path(p) for p in outputs], [Path(p) for p in inputs]):
             return
+        import torch
+
+        before = torch.get_num_threads()
         t0 = time.perf_counter()
-        fn(*args, **kwargs)
+        try:
+            if threads is not None:
+                torch.set_num_threads(threads)
+            fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
         seconds = time.perf_counter() - t0
         where = ""
         if k is not None:
@@ -122,6 +133,7 @@ def run_campaign(
             focus,
             prio,
             k=k,
+            threads=cfg["threads"],
         )
         samples = [Path(shard_file(root, k, "samples", j)) for j in range(n_shards)]
         energies = [Path(shard_file(root, k, "energies", j)) for j in range(n_shards)]
@@ -176,7 +188,18 @@ def run_campaign(
             k=k,
         )
         ens = f(k, "ensemble.pt")
-        job("ensemble", [ens], [snap, labels_h5], ensemble.ensemble, st, k, labels_h5, ens, k=k)
+        job(
+            "ensemble",
+            [ens],
+            [snap, labels_h5],
+            ensemble.ensemble,
+            st,
+            k,
+            labels_h5,
+            ens,
+            k=k,
+            threads=cfg["threads"],
+        )
         metrics, plot = f(k, "metrics.json"), f(k, "pmf.png")
         job(
             "evaluate",

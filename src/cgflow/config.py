@@ -22,6 +22,8 @@ STOP_KEYS = ("max_iterations", "stop")
 #: keys that only shape outputs after the campaign (summary plot, backmap): kept out of the
 #: snapshot, so changing them never reruns the campaign
 POST_KEYS = ("backmap", "baselines")
+#: keys that only decide how the steps run (CPU threads): kept out of the snapshot
+RUN_KEYS = ("threads",)
 
 #: systems with an all-atom topology (the only ones whose structures can be backmapped)
 TOPOLOGY_SYSTEMS = ("alanine_dipeptide",)
@@ -52,14 +54,14 @@ def validated(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def snapshot(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The part of a validated config that decides the campaign's results (no stop or
-    post-campaign keys): what every step reads."""
-    return {k: v for k, v in cfg.items() if k not in STOP_KEYS + POST_KEYS}
+    """The part of a validated config that decides the campaign's results (no stop,
+    post-campaign or run keys): what every step reads."""
+    return {k: v for k, v in cfg.items() if k not in STOP_KEYS + POST_KEYS + RUN_KEYS}
 
 
 def write_snapshot(cfg: dict[str, Any], out: str | Path) -> Path:
-    """Write the campaign's config snapshot: validated, defaults filled in, without the stop and
-    post-campaign keys (:data:`STOP_KEYS`, :data:`POST_KEYS`)."""
+    """Write the campaign's config snapshot: validated, defaults filled in, without the stop,
+    post-campaign and run keys (:data:`STOP_KEYS`, :data:`POST_KEYS`, :data:`RUN_KEYS`)."""
     import yaml
 
     from cgflow.data import atomic_path

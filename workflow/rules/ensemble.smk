@@ -13,13 +13,14 @@ rule ensemble:
         "results/{campaign}/benchmarks/ensemble/iter_{iteration}.tsv"
     conda:
         "../../envs/cgflow.yaml"
+    threads: config["threads"]
     resources:
         runtime=60,
         mem_mb=4000,
     params:
         k=iteration,
     shell:
-        "cgflow wf ensemble --config {input.cfg} --iteration {params.k}"
+        "CGFLOW_TORCH_THREADS={threads} cgflow wf ensemble --config {input.cfg} --iteration {params.k}"
         " --labels {input.labels} --out {output} > {log} 2>&1"
 
 

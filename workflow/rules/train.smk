@@ -13,6 +13,7 @@ rule finetune:
         "results/{campaign}/benchmarks/finetune/iter_{iteration}.tsv"
     conda:
         "../../envs/cgflow.yaml"
+    threads: config["threads"]
     resources:
         gpu=1,
         runtime=240,
@@ -21,6 +22,6 @@ rule finetune:
         k=iteration,
         focus=previous_options,
     shell:
-        "cgflow wf finetune --config {input.cfg} --iteration {params.k}"
+        "CGFLOW_TORCH_THREADS={threads} cgflow wf finetune --config {input.cfg} --iteration {params.k}"
         " --flow {input.flow} --points {input.points} {params.focus}"
         " --out-flow {output.flow} --out-train {output.train} > {log} 2>&1"
