@@ -46,9 +46,10 @@ TEST_OVERRIDES = {
     ("energy", "mem_mb"),
     ("finetune", "cpus_per_task"),
     ("finetune", "mem_mb"),
+    ("ensemble", "cpus_per_task"),
 }
 #: rules the test profile adds to set-resources (their own 4 GB memory requests are lowered)
-TEST_ONLY_RULES = {"start", "pretrain", "sample", "ensemble"}
+TEST_ONLY_RULES = {"start", "pretrain", "sample"}
 OVERLAY = yaml.safe_load((REPO / "config" / "test_mb.yaml").read_text())
 SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (\S+)\)")
 
