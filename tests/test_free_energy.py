@@ -174,7 +174,7 @@ def test_ensemble_recovers_periodic_2d(torus_fit):
     assert std.mean() < 0.03
 
 
-def test_vmap_equals_member_loop_and_save_load(torus_fit, tmp_path):
+def test_batched_forward_equals_member_loop_and_save_load(torus_fit, tmp_path):
     ens, _, s, _ = torus_fit
     from torch.func import functional_call
 

@@ -13,7 +13,7 @@ It is evaluated in float64 with log-sum-exp, so log weights of any magnitude nei
 underflow.
 
 Ensemble (method-spec §4.2). :class:`FreeEnergyEnsemble` trains ``M`` small MLPs together in one
-vectorised computation (``torch.func``: ``stack_module_state`` + ``functional_call`` + ``vmap``),
+vectorised computation (the members' weights stacked, each layer one batched matrix product),
 each member on its own random split of the labelled CG points. Its mean is the free-energy estimate
 ``F̄(s)`` and the unbiased standard deviation over the members is the disagreement ``σ(s)`` that
 the active-learning sampler chases (both in kT).
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import stack_module_state
 
 __all__ = [
     "FreeEnergyEnsemble",
@@ -271,7 +271,7 @@ def _mlp(n_in: int, hidden: Sequence[int], activation: str, dtype: torch.dtype) 
 
 
 class FreeEnergyEnsemble:
-    """``M`` MLPs ``s -> F(s)`` (kT) trained together with ``torch.func.vmap``.
+    """``M`` MLPs ``s -> F(s)`` (kT) trained together: every layer is one batched matrix product.
 
     Inputs: a periodic CG coordinate (radians) enters as ``(cos s, sin s)``; a non-periodic one
     is standardised with the mean and population std of the labelled points of the last
@@ -325,18 +325,14 @@ class FreeEnergyEnsemble:
                 )
         self.input_bounds = input_bounds
         self.n_in = sum(2 if p else 1 for p in self.cg_periodic)
-        # a stateless copy on the meta device, called functionally with the stacked parameters
-        self._base = _mlp(self.n_in, self.hidden, activation, dtype).to("meta")
+        self._act = _ACTIVATIONS[activation]()
         self._params: dict[str, torch.Tensor] | None = None
-        self._buffers: dict[str, torch.Tensor] = {}
         n_cg = len(self.cg_periodic)
         #: standardisation of non-periodic inputs (entries of periodic coordinates unused)
         self.input_mean = torch.zeros(n_cg, dtype=torch.float64)
         self.input_std = torch.ones(n_cg, dtype=torch.float64)
         #: the label shift (median of the training labels, kT) added back to predictions
         self.shift_kT = 0.0
-        self._forward_batched = vmap(self._member_forward, in_dims=(0, 0, 0))
-        self._forward_shared = vmap(self._member_forward, in_dims=(0, 0, None))
 
     # ------------------------------------------------------------------------------- internals
     @property
@@ -354,10 +350,18 @@ class FreeEnergyEnsemble:
             raise RuntimeError("the ensemble has not been fitted (or loaded) yet")
         return self._params
 
-    def _member_forward(
-        self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor
-    ) -> torch.Tensor:
-        return functional_call(self._base, (params, buffers), (x,)).squeeze(-1)
+    def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Every member's output ``[M, B]`` for inputs ``x``: ``[M, B, n_in]`` (one batch per
+        member) or ``[B, n_in]`` (shared). The stacked parameters are named as in :func:`_mlp`
+        (``"0.weight"``, ``"0.bias"``, ``"2.weight"``, ...)."""
+        h = x if x.ndim == 3 else x.expand(self.n_members, -1, -1)
+        n_layers = len(self.hidden) + 1
+        for i in range(n_layers):
+            w, b = params[f"{2 * i}.weight"], params[f"{2 * i}.bias"]
+            h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            if i < n_layers - 1:
+                h = self._act(h)
+        return h.squeeze(-1)
 
     def _check_s(self, s: torch.Tensor) -> torch.Tensor:
         s = torch.as_tensor(s)
@@ -400,8 +404,7 @@ class FreeEnergyEnsemble:
                         sw, sb = (lo + (hi - lo) * torch.rand(2, generator=gen)).tolist()
                         w.copy_(sw * torch.randn(w.shape, generator=gen))
                         b.copy_(sb * torch.randn(b.shape, generator=gen))
-        params, buffers = stack_module_state(models)
-        self._buffers = buffers
+        params, _ = stack_module_state(models)
         return {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
 
     def _splits(
@@ -542,7 +545,7 @@ class FreeEnergyEnsemble:
             loss_count = torch.zeros(M, dtype=torch.float64)
             for b in range(n_batches):
                 idx = order[:, b * bsz : (b + 1) * bsz]
-                pred = self._forward_batched(params, self._buffers, x[idx])
+                pred = self._forward(params, x[idx])
                 loss = (wt[idx] * penalty(pred - y[idx])).sum(dim=1) / wt[idx].sum(dim=1)  # [M]
                 grads = torch.autograd.grad(loss.sum(), [params[k] for k in names])
                 ok = torch.isfinite(loss)
@@ -556,7 +559,7 @@ class FreeEnergyEnsemble:
             history["train_loss"].append(float((loss_sum / loss_count).mean()))
             if n_test > 0:
                 with torch.no_grad():
-                    pred = self._forward_batched(params, self._buffers, x[test_idx])
+                    pred = self._forward(params, x[test_idx])
                     w_test = wt[test_idx]
                     test = (w_test * penalty(pred - y[test_idx])).sum(dim=1) / w_test.sum(dim=1)
                     test = test.to(torch.float64)
@@ -588,10 +591,7 @@ class FreeEnergyEnsemble:
         """Every member's F (kT) at ``s [P, n_cg]``: ``[M, P]`` float64."""
         params = self.params
         s = self._check_s(s)
-        out = [
-            self._forward_shared(params, self._buffers, self._features(part))
-            for part in s.split(chunk)
-        ]
+        out = [self._forward(params, self._features(part)) for part in s.split(chunk)]
         if not out:
             return torch.zeros(self.n_members, 0, dtype=torch.float64)
         return torch.cat(out, dim=1).to(torch.float64) + self.shift_kT
@@ -673,17 +673,25 @@ class _VectorAdam:
         self.t += ok.to(self.t.dtype)
         bc1 = 1.0 - b1**self.t
         bc2 = 1.0 - b2**self.t
+        every = bool(ok.all())  # the usual case: in-place updates, no masking
         for k, p in self.params.items():
             shape = (-1,) + (1,) * (p.ndim - 1)
-            okb = ok.view(shape)
-            g = torch.where(okb, grads[k], torch.zeros_like(p))
-            m = torch.where(okb, b1 * self.m[k] + (1.0 - b1) * g, self.m[k])
-            v = torch.where(okb, b2 * self.v[k] + (1.0 - b2) * g * g, self.v[k])
-            self.m[k], self.v[k] = m, v
+            m, v = self.m[k], self.v[k]
+            if every:
+                g = grads[k]
+                m.mul_(b1).add_(g, alpha=1.0 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+            else:
+                okb = ok.view(shape)
+                g = torch.where(okb, grads[k], torch.zeros_like(p))
+                m.copy_(torch.where(okb, b1 * m + (1.0 - b1) * g, m))
+                v.copy_(torch.where(okb, b2 * v + (1.0 - b2) * g * g, v))
             c1 = bc1.to(p.dtype).view(shape)
             c2 = bc2.to(p.dtype).view(shape)
-            update = self.lr * (m / c1) / ((v / c2).sqrt() + self.eps)
-            p.sub_(torch.where(okb, update, torch.zeros_like(p)))
+            update = (m / c1).div_((v / c2).sqrt_().add_(self.eps)).mul_(self.lr)
+            if not every:
+                update = torch.where(ok.view(shape), update, torch.zeros_like(p))
+            p.sub_(update)
 
 
 # ------------------------------------------------------------------------------ fitting a campaign
