@@ -52,17 +52,33 @@ def test_mueller_brown_interface_and_exact_pmf():
     assert f.max() == pytest.approx(11.99, abs=0.02)
 
 
-def test_mueller_brown_pmf_matches_brute_force_grid():
+def test_mueller_brown_pmf_matches_adaptive_quadrature():
+    from scipy.integrate import quad
+
     mb = get_system("mueller_brown")
-    s = np.array([-2.0, -1.0, 0.0, 0.5])
-    sp = np.linspace(-4, 8, 200001)
-    brute = []
+    s = np.array([-2.0, -1.0, 0.0, 0.5, 1.1])
+
+    def reduced(sp, si):
+        x = torch.tensor(np.stack([(si + sp) / 2, (sp - si) / 2], -1), dtype=torch.float64)
+        return (0.1 * mueller_brown_potential(x.reshape(-1, 2))).numpy()
+
+    ref = []
     for si in s:
-        pts = torch.tensor(np.stack([(si + sp) / 2, (sp - si) / 2], 1))
-        u = (0.1 * mueller_brown_potential(pts)).numpy()
-        brute.append(-np.log(np.trapezoid(np.exp(-u), sp)))
-    brute = np.array(brute) - min(brute)
-    np.testing.assert_allclose(mb.exact_pmf(s) - mb.exact_pmf(s).min(), brute, atol=1e-6)
+        grid = np.linspace(-4, 8, 1201)
+        u = reduced(grid, si)
+        lo = float(u.min())  # integrate exp(-(u - min)): no underflow, relative tolerance holds
+        val, _ = quad(
+            lambda sp, si=si, lo=lo: math.exp(lo - float(reduced(np.array([sp]), si)[0])),
+            -4,
+            8,
+            points=[float(grid[np.argmin(u)])],
+            limit=500,
+            epsabs=0.0,
+            epsrel=1e-12,
+        )
+        ref.append(lo - math.log(val))
+    ref = np.array(ref)
+    np.testing.assert_allclose(mb.exact_pmf(s), ref - ref.min(), atol=1e-9)
 
 
 def test_analytic_entry_point_by_module_function():

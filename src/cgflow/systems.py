@@ -325,38 +325,31 @@ class MuellerBrown(AnalyticSystem):
         )
 
     def exact_pmf(
-        self, s: Sequence[float] | np.ndarray, s_perp_range: tuple[float, float] = (-4.0, 8.0)
+        self,
+        s: Sequence[float] | np.ndarray,
+        s_perp_range: tuple[float, float] = (-4.0, 8.0),
+        n_nodes: int = 4001,
     ) -> np.ndarray:
-        """Exact PMF ``F(s)`` in kT by adaptive quadrature over ``s_perp``, shifted to min 0.
+        """Exact PMF ``F(s)`` in kT by quadrature over ``s_perp``, shifted to min 0.
 
         ``F(s) = -log ∫ exp(-beta U(x, y)) ds_perp`` with ``x = (s + s_perp)/2``,
-        ``y = (s_perp - s)/2`` (the constant Jacobian 1/2 drops out after the shift).
+        ``y = (s_perp - s)/2`` (the constant Jacobian 1/2 drops out after the shift). The
+        trapezoidal rule on ``n_nodes`` nodes, in log space: for this smooth, rapidly decaying
+        integrand it agrees with adaptive quadrature to ~1e-14 kT (a test checks 1e-9 kT) and
+        takes all points in one vectorised pass.
         """
-        from scipy.integrate import quad
-
         s = np.asarray(s, dtype=np.float64)
         if s.ndim != 1 or not np.isfinite(s).all():
             raise ValueError("exact_pmf needs a 1-D array of finite CG values")
-        beta = self.beta
-
-        def reduced(sp: np.ndarray | float, si: float) -> np.ndarray | float:
-            return beta * _mueller_brown_numpy((si + sp) / 2, (sp - si) / 2)
-
-        grid = np.linspace(*s_perp_range, 4001)
+        sp = np.linspace(*s_perp_range, int(n_nodes))
+        log_w = np.zeros_like(sp)
+        log_w[[0, -1]] = math.log(0.5)
         f = np.empty_like(s)
-        for k, si in enumerate(s):
-            # integrate exp(-(u - u_min)) for stability; add the shift back in log space
-            uu = reduced(grid, si)
-            shift = float(uu.min())
-            val, _ = quad(
-                lambda sp, si=si, shift=shift: math.exp(-(reduced(sp, si) - shift)),
-                *s_perp_range,
-                points=[float(grid[np.argmin(uu)])],
-                limit=500,
-                epsabs=0.0,
-                epsrel=1e-11,
-            )
-            f[k] = shift - math.log(val)
+        for k in range(0, len(s), 256):  # chunks bound the [chunk, n_nodes] work arrays
+            si = s[k : k + 256, None]
+            a = log_w - self.beta * _mueller_brown_numpy((si + sp) / 2, (sp - si) / 2)
+            top = a.max(axis=1, keepdims=True)
+            f[k : k + 256] = -(top[:, 0] + np.log(np.exp(a - top).sum(axis=1)))
         return f - f.min()
 
 
