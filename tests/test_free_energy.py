@@ -362,13 +362,14 @@ def test_weight_sums_of_ragged_draws():
         WeightSums.from_draws(point, lw, 3)
 
 
-def test_allocate_draws_goes_to_populated_points_with_large_errors():
+@pytest.mark.parametrize("rule", ["proportional", "equal_error"])
+def test_allocate_draws_goes_to_populated_points_with_large_errors(rule):
     from cgflow.free_energy import allocate_draws
 
     F = torch.tensor([0.0, 1.0, 2.0, 12.0, 0.5, 20.0], dtype=torch.float64)
     se = torch.tensor([0.3, 0.05, 0.2, 0.6, math.inf, math.inf], dtype=torch.float64)
     n = torch.tensor([64, 64, 64, 64, 0, 0])
-    kw = dict(draws=64, target_se_kT=0.1, min_draws=8, max_draws=512, populated_kT=8.0)
+    kw = dict(draws=64, target_se_kT=0.1, min_draws=8, max_draws=512, populated_kT=8.0, rule=rule)
     c = allocate_draws(F, se, n, budget=64 * 6, **kw)
     assert int(c.sum()) <= 64 * 6
     assert c[1] == 8 and c[3] == 8 and c[5] == 8  # on target; high F (labelled or not)
@@ -378,6 +379,34 @@ def test_allocate_draws_goes_to_populated_points_with_large_errors():
     assert c[0] == 512 and c[2] == math.ceil(64 * (4 - 1)) and c[4] == 64
     with pytest.raises(ValueError, match="budget"):
         allocate_draws(F, se, n, budget=40, **kw)
+
+
+def test_equal_error_allocation_serves_new_points_then_the_largest_errors():
+    from cgflow.free_energy import allocate_draws
+
+    F = torch.tensor([0.0, 1.0, 2.0, 12.0, 0.5, 20.0, 0.2], dtype=torch.float64)
+    se = torch.tensor([0.3, 0.05, 0.2, 0.6, math.inf, math.inf, 0.12], dtype=torch.float64)
+    n = torch.tensor([64, 64, 64, 64, 0, 0, 64])
+    kw = dict(draws=64, target_se_kT=0.1, min_draws=8, max_draws=512, populated_kT=8.0)
+    budget = 64 * 7
+    c = allocate_draws(F, se, n, budget=budget, rule="equal_error", **kw)
+    p = allocate_draws(F, se, n, budget=budget, rule="proportional", **kw)
+    assert c[4] == 64 > p[4]  # the new populated point gets its draws in full
+    assert c[1] == c[3] == c[5] == 8
+    assert budget - 7 < int(c.sum()) <= budget  # the budget is spent, to a draw per point
+    # the labelled populated points above a common error level end at it (to a draw); the
+    # one already below it (0.12 kT) keeps min_draws
+    after = se * torch.sqrt(n / (n + c))
+    level = after[[0, 2]]
+    assert float(level.max() - level.min()) < 0.003 and float(level.min()) > 0.12
+    assert c[6] == 8
+    # proportional scaling also spends draws on the point already below that level
+    assert p[6] > c[6]
+    # new points alone over the budget: they share it, the labelled ones get min_draws
+    c = allocate_draws(F, se, n, budget=8 * 7 + 20, rule="equal_error", **kw)
+    assert c[4] == 28 and int(c.sum()) == 8 * 7 + 20
+    with pytest.raises(ValueError, match="allocation rule"):
+        allocate_draws(F, se, n, budget=budget, rule="greedy", **kw)
 
 
 def test_weighted_fit_ignores_down_weighted_labels_and_early_stopping_keeps_the_best():

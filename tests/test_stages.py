@@ -525,6 +525,7 @@ def test_pooled_labels_combine_every_iterations_draws(tmp_path, allocate):
     cfg = json.loads(json.dumps(CFG))
     cfg["labels"]["pool_draws"] = True
     cfg["labels"]["allocate"] = allocate
+    cfg["labels"]["allocation"] = "equal_error"  # the default config's rule
     cfg["labels"]["min_draws"] = 4
     cfg["labels"]["populated_kT"] = 0.5
     cfg["energy_training"]["focus_populated"] = allocate

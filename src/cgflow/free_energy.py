@@ -37,6 +37,7 @@ __all__ = [
     "FreeEnergyEnsemble",
     "LabelResult",
     "WeightSums",
+    "ALLOCATION_RULES",
     "allocate_draws",
     "cap_labels",
     "fit_ensemble",
@@ -205,6 +206,9 @@ def populated(F_kT: torch.Tensor, populated_kT: float) -> torch.Tensor:
     return ~finite | (F - low < populated_kT)
 
 
+ALLOCATION_RULES = ("proportional", "equal_error")
+
+
 def allocate_draws(
     F_pred_kT: torch.Tensor,
     se_kT: torch.Tensor,
@@ -215,6 +219,7 @@ def allocate_draws(
     min_draws: int,
     max_draws: int,
     populated_kT: float,
+    rule: str,
 ) -> torch.Tensor:
     """Draws per point for the next labels, decided before drawing (so the labels stay unbiased).
 
@@ -223,9 +228,16 @@ def allocate_draws(
     A populated point (prediction within ``populated_kT`` of the lowest) asks for the draws that
     bring its error to ``target_se_kT`` (the error falls as 1/√draws), or ``draws`` if it has no
     finite error yet; every other point, and a populated one already on target, gets
-    ``min_draws``. Requests are capped at ``max_draws``; if they add up to more than
-    ``budget``, the part above ``min_draws`` is scaled down to fit.
+    ``min_draws``. Requests are capped at ``max_draws``. If they add up to more than ``budget``:
+
+    * ``rule="proportional"``: the part above ``min_draws`` is scaled down to fit;
+    * ``rule="equal_error"``: new populated points get their ``draws`` first (scaled down only if
+      they alone exceed the budget); the labelled ones then get the draws that bring their
+      error to a common level ``t >= target_se_kT``, the lowest that fits, so the largest
+      errors are served first and no point ends above ``t`` unless ``max_draws`` stops it.
     """
+    if rule not in ALLOCATION_RULES:
+        raise ValueError(f"unknown allocation rule {rule!r}; choose one of {ALLOCATION_RULES}")
     F = torch.as_tensor(F_pred_kT).to(torch.float64)
     se = torch.as_tensor(se_kT).to(torch.float64)
     n = torch.as_tensor(n_drawn).to(torch.float64)
@@ -238,16 +250,34 @@ def allocate_draws(
         raise ValueError(f"a budget of {budget} draws cannot give {P} points min_draws {min_draws}")
     mass = populated(F, populated_kT)
     known = (n > 0) & torch.isfinite(se)
-    need = torch.ceil(n * ((se / target_se_kT) ** 2 - 1.0))
-    request = torch.full((P,), float(min_draws), dtype=torch.float64)
-    request = torch.where(mass & known, need.clamp(min=min_draws), request)
-    request = torch.where(mass & ~known, torch.full_like(request, float(draws)), request)
-    request = request.clamp(max=max_draws)
-    extra = request - min_draws
-    room = budget - min_draws * P
-    if float(extra.sum()) > room:
-        extra = torch.floor(extra * (room / float(extra.sum())))
-    return (min_draws + extra).to(torch.int64)
+
+    def extra_for(level: float) -> torch.Tensor:
+        """Draws above ``min_draws`` that bring each labelled populated point to ``level``."""
+        need = torch.ceil(n * ((se / level) ** 2 - 1.0)).clamp(min=min_draws, max=max_draws)
+        return torch.where(mass & known, need - min_draws, torch.zeros_like(need))
+
+    new = torch.where(mass & ~known, float(draws - min_draws), 0.0)
+    room = float(budget - min_draws * P)
+    if rule == "proportional":
+        extra = extra_for(target_se_kT) + new
+        if float(extra.sum()) > room:
+            extra = torch.floor(extra * (room / float(extra.sum())))
+        return (min_draws + extra).to(torch.int64)
+    if float(new.sum()) >= room:
+        new = torch.floor(new * (room / max(float(new.sum()), 1.0)))
+        return (min_draws + new).to(torch.int64)
+    room -= float(new.sum())
+    lo = target_se_kT
+    if float(extra_for(lo).sum()) > room:
+        # the lowest common level whose draws fit: bisection on log t (the sum falls as t grows)
+        hi = lo
+        while float(extra_for(hi).sum()) > room:
+            hi *= 2.0
+        for _ in range(60):
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if float(extra_for(mid).sum()) > room else (lo, mid)
+        lo = hi
+    return (min_draws + new + extra_for(lo)).to(torch.int64)
 
 
 # ---------------------------------------------------------------------------------------- ensemble

@@ -63,6 +63,7 @@ def draw_counts(
         min_draws=lab["min_draws"],
         max_draws=lab["max_draws"],
         populated_kT=lab["populated_kT"],
+        rule=lab["allocation"],
     )
     return counts.numpy()
 
