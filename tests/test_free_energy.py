@@ -362,7 +362,7 @@ def test_weight_sums_of_ragged_draws():
         WeightSums.from_draws(point, lw, 3)
 
 
-@pytest.mark.parametrize("rule", ["proportional", "equal_error"])
+@pytest.mark.parametrize("rule", ["proportional", "new_first", "equal_error"])
 def test_allocate_draws_goes_to_populated_points_with_large_errors(rule):
     from cgflow.free_energy import allocate_draws
 
@@ -402,6 +402,12 @@ def test_equal_error_allocation_serves_new_points_then_the_largest_errors():
     assert c[6] == 8
     # proportional scaling also spends draws on the point already below that level
     assert p[6] > c[6]
+    # new_first: the new point gets its draws, the labelled ones share the rest proportionally
+    f = allocate_draws(F, se, n, budget=budget, rule="new_first", **kw)
+    assert f[4] == 64 and f[1] == f[3] == f[5] == 8 and int(f.sum()) <= budget
+    extra = (f - 8)[[0, 2, 6]].double()
+    request = torch.tensor([64 * 8 - 8, 64 * 3 - 8, math.ceil(64 * 0.44) - 8]).double()
+    torch.testing.assert_close(extra / extra.sum(), request / request.sum(), atol=0.01, rtol=0)
     # new points alone over the budget: they share it, the labelled ones get min_draws
     c = allocate_draws(F, se, n, budget=8 * 7 + 20, rule="equal_error", **kw)
     assert c[4] == 28 and int(c.sum()) == 8 * 7 + 20

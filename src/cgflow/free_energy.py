@@ -34,10 +34,10 @@ from torch import nn
 from torch.func import stack_module_state
 
 __all__ = [
+    "ALLOCATION_RULES",
     "FreeEnergyEnsemble",
     "LabelResult",
     "WeightSums",
-    "ALLOCATION_RULES",
     "allocate_draws",
     "cap_labels",
     "fit_ensemble",
@@ -206,7 +206,7 @@ def populated(F_kT: torch.Tensor, populated_kT: float) -> torch.Tensor:
     return ~finite | (F - low < populated_kT)
 
 
-ALLOCATION_RULES = ("proportional", "equal_error")
+ALLOCATION_RULES = ("proportional", "new_first", "equal_error")
 
 
 def allocate_draws(
@@ -231,8 +231,11 @@ def allocate_draws(
     ``min_draws``. Requests are capped at ``max_draws``. If they add up to more than ``budget``:
 
     * ``rule="proportional"``: the part above ``min_draws`` is scaled down to fit;
-    * ``rule="equal_error"``: new populated points get their ``draws`` first (scaled down only if
-      they alone exceed the budget); the labelled ones then get the draws that bring their
+    * ``rule="new_first"``: new populated points get their ``draws`` first (scaled down only if
+      they alone exceed the budget); the labelled ones share the rest in proportion to their
+      requests, as with ``"proportional"``;
+    * ``rule="equal_error"``: new populated points get their ``draws`` first, as with
+      ``"new_first"``; the labelled ones then get the draws that bring their
       error to a common level ``t >= target_se_kT``, the lowest that fits, so the largest
       errors are served first and no point ends above ``t`` unless ``max_draws`` stops it.
     """
@@ -267,6 +270,11 @@ def allocate_draws(
         new = torch.floor(new * (room / max(float(new.sum()), 1.0)))
         return (min_draws + new).to(torch.int64)
     room -= float(new.sum())
+    if rule == "new_first":
+        extra = extra_for(target_se_kT)
+        if float(extra.sum()) > room:
+            extra = torch.floor(extra * (room / float(extra.sum())))
+        return (min_draws + new + extra).to(torch.int64)
     lo = target_se_kT
     if float(extra_for(lo).sum()) > room:
         # the lowest common level whose draws fit: bisection on log t (the sum falls as t grows)
