@@ -2,7 +2,8 @@
 # One invocation runs the campaign of the config to convergence:
 #   snakemake --profile profiles/local                      # config/config.yaml
 #   snakemake --profile profiles/local --configfile config/mueller_brown.yaml
-# The rules are declarations calling `cgflow wf <step>`; all science is in src/cgflow.
+# The rules are declarations calling `cgflow wf <step>` (heavy ones as shell commands, cheap
+# local ones inside this process via cgflow_step); all science is in src/cgflow.
 
 
 from snakemake.utils import min_version

@@ -192,6 +192,7 @@ def cluster(tmp_path_factory):
 
 def start_local_run(wd: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "snakemake", "--configfile", "config/test_mb.yaml", "--cores", "2"]
+    cmd.append("--force-use-threads")  # as the local profile
     return subprocess.Popen(
         cmd, cwd=wd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

@@ -269,6 +269,43 @@ def test_cli_snapshot_and_check(tmp_path, campaign):
     assert main(["wf", "start", "--config", str(tmp_path / "missing.yaml"), "--out", "x"]) == 2
 
 
+def test_run_step_writes_the_step_output_to_its_log_and_raises_on_failure(
+    tmp_path, campaign, capsys
+):
+    """`cgflow.cli.run_step` (the workflow's in-process rules): the step's printed output goes
+    to the log, with a start-up of 0 s; another thread printing at the same time keeps its
+    own stream; a failing step raises StepError naming the log, which says why."""
+    import threading
+
+    from cgflow.cli import StepError, run_step
+
+    root, _, _, _ = campaign
+    i1 = root / "iter_001"
+    check = ["wf", "check", "--iteration", "1", "--max-iterations", "1"]
+    paths = ["--walkers", i1 / "walkers.h5", "--metrics", i1 / "metrics.json"]
+    log = tmp_path / "check.log"
+    outside = threading.Thread(target=lambda: print("printed outside the step"))
+    outside.start()
+    run_step([*check, *paths, "--out", tmp_path / "s.json"], log)
+    outside.join()
+    assert json.loads((tmp_path / "s.json").read_text())["converged"]
+    lines = log.read_text().strip().splitlines()
+    assert lines[-1].startswith("cgflow step seconds:") and '"converged": true' in lines[0]
+    assert json.loads(lines[-1].split(":", 1)[1])["startup_s"] == 0.0
+    printed = capsys.readouterr().out
+    assert "printed outside the step" in printed and "cgflow step seconds" not in printed
+    bad = tmp_path / "bad.log"
+    missing = ["--walkers", "x", "--metrics", "y", "--out", tmp_path / "z.json"]
+    with pytest.raises(StepError, match=r"bad\.log"):
+        run_step([*check, *missing], bad)
+    assert "error" in bad.read_text()
+    with pytest.raises(StepError, match="status 2"):  # an argparse error
+        run_step(["wf", "check", "--no-such-option"], tmp_path / "parse.log")
+    assert "arguments are required" in (tmp_path / "parse.log").read_text()
+    print("after the steps")
+    assert "after the steps" in capsys.readouterr().out
+
+
 def test_cheap_steps_do_not_import_torch(tmp_path, campaign):
     """`wf check`, `wf snapshot` and the parser of every step run without torch; each step prints
     its timing line last."""

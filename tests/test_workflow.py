@@ -58,6 +58,7 @@ def snakemake(
         "config/test_mb.yaml",
         "--cores",
         "2",
+        "--force-use-threads",  # as both profiles: the cheap rules run in this process
         *args,
     ]
     res = subprocess.run(
@@ -231,6 +232,7 @@ def test_in_process_runner_gives_the_workflow_summary(tmp_path, complete_run):
 def test_kill_and_resume_gives_the_same_summary(tmp_path, complete_run):
     wd = workdir(tmp_path)
     cmd = [sys.executable, "-m", "snakemake", "--configfile", "config/test_mb.yaml", "--cores", "2"]
+    cmd.append("--force-use-threads")
     proc = subprocess.Popen(
         cmd,
         cwd=wd,

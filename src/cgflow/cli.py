@@ -5,6 +5,9 @@ Subcommands:
 * ``cgflow wf <step> ...`` — one workflow step (:mod:`cgflow.stages`); the Snakemake rules call these.
 * ``cgflow run --configfile F`` — a whole campaign in this process, same files as the workflow.
 
+:func:`run_step` runs a ``cgflow wf`` step inside the calling process (the workflow's cheap local
+rules, in the Snakemake process), with its output in the job's log.
+
 * ``cgflow reference export-engine OUT`` — torch force field + masses + start structures of
   alanine dipeptide (needs OpenMM once; chunks then need torch only).
 * ``cgflow reference chunk --engine E --index k [--previous P] --out F`` — one resumable chunk
@@ -21,20 +24,93 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import shlex
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import TextIO
 
 #: prefix of the line each workflow step prints last (read by benchmarks/workflow_overhead.py)
 TIMING_PREFIX = "cgflow step seconds:"
 
 
+#: per thread: the log file a step run by :func:`run_step` writes to (unset: the real streams)
+_step_output = threading.local()
+#: one in-process step at a time (the steps share torch's and matplotlib's global state)
+_step_lock = threading.Lock()
+_install_lock = threading.Lock()
+
+
+class _ThreadRoutedStream(io.TextIOBase):
+    """Stands in for ``sys.stdout``/``sys.stderr``: writes of a thread running a step go to its
+    log file, every other thread's to the stream this one replaced."""
+
+    def __init__(self, original: TextIO) -> None:
+        self.original = original
+
+    def _target(self) -> TextIO:
+        return getattr(_step_output, "log", None) or self.original
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def fileno(self) -> int:
+        return self.original.fileno()
+
+    def isatty(self) -> bool:
+        return self._target().isatty()
+
+
+def _route_streams() -> None:
+    with _install_lock:
+        if not isinstance(sys.stdout, _ThreadRoutedStream):
+            sys.stdout = _ThreadRoutedStream(sys.stdout)
+        if not isinstance(sys.stderr, _ThreadRoutedStream):
+            sys.stderr = _ThreadRoutedStream(sys.stderr)
+
+
+class StepError(RuntimeError):
+    """A step run by :func:`run_step` ended with a non-zero status (its log says why)."""
+
+
+def run_step(argv: list[str], log: str | os.PathLike) -> None:
+    """Run ``cgflow <argv>`` in this process, its printed output going to ``log`` (created anew),
+    as the workflow's run: rules do; raises :class:`StepError` if the step fails.
+
+    Steps run one at a time (a lock), in whatever thread calls; other threads keep printing to
+    the real streams. Output written below Python (C libraries) is not captured."""
+    argv = [str(a) for a in argv]
+    _route_streams()
+    with _step_lock, open(log, "w", encoding="utf-8") as out:
+        _step_output.log = out
+        _step_output.in_process = True
+        try:
+            try:
+                status = main(argv)
+            except SystemExit as exc:  # argparse errors
+                status = exc.code if isinstance(exc.code, int) else 2
+            except Exception as exc:
+                import traceback
+
+                traceback.print_exc(file=out)
+                raise StepError(f"`cgflow {shlex.join(argv)}` failed: {exc} (log: {log})") from exc
+        finally:
+            out.flush()
+            _step_output.log = None
+            _step_output.in_process = False
+    if status:
+        raise StepError(f"`cgflow {shlex.join(argv)}` exited with status {status} (log: {log})")
+
+
 def process_age_s() -> float | None:
     """Seconds since this process started (Linux ``/proc``; None elsewhere)."""
-    import os
-
     try:
         start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         uptime = float(Path("/proc/uptime").read_text().split()[0])
@@ -47,8 +123,11 @@ def _print_timing(step: str, started: float, imported: float, configured: float)
     """The step's own time apart from what the process spent before it: interpreter and cgflow
     start-up, the step's imports, reading the config and building the system."""
     now = time.perf_counter()
-    age = process_age_s()
-    before = None if age is None else max(age - (now - started), 0.0)
+    if getattr(_step_output, "in_process", False):
+        before: float | None = 0.0  # no interpreter started for it (run_step)
+    else:
+        age = process_age_s()
+        before = None if age is None else max(age - (now - started), 0.0)
     timing = {
         "step": step,
         "startup_s": before,

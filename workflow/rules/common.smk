@@ -1,10 +1,11 @@
-"""Paths, input functions and the convergence walk; no rules here.
+"""Paths, input functions, the convergence walk and the in-process step runner; no rules here.
 The iteration rules depend on iteration k-1 through plain path functions and never touch a
 checkpoint; only the final aggregator (rule summary) and the backmap of the final flow walk the
 per-iteration checkpoints `check` (see `last_iteration`). Domain facts (which systems have an
 all-atom topology, which points get relabelled, what the config snapshot holds) come from
-src/cgflow/config.py, loaded by file path: it needs only the standard library, so this process
-never imports torch (and cgflow need not be installed here under --sdm conda).
+src/cgflow/config.py, loaded by file path: it needs only the standard library, so planning a
+campaign never imports torch. The cheap local rules (`run:` + `cgflow_step`) import cgflow when
+they run, in this process: cgflow must be installed where Snakemake runs.
 """
 
 import importlib.util
@@ -306,3 +307,19 @@ def backmap_points_json(wildcards):
 def backmap_folder(wildcards):
     """results/<campaign>/backmap, for `cgflow wf backmap --out-dir`."""
     return f"{campaign_dir(wildcards.campaign)}/backmap"
+
+
+# ------------------------------------------------------------------------ in-process steps
+def cgflow_step(log, command):
+    """Run `cgflow wf <command>` inside this Snakemake process (cgflow.cli.run_step), its
+    output in the rule's log: the cheap local rules start no interpreter and import torch once
+    per campaign, not once per job. `command` is formatted like a shell directive ({input.x},
+    {params.k}, {x:q}) from the calling rule's namespace, then split like a shell would.
+    With --force-use-threads (both profiles) the local executor runs such jobs in threads of
+    this process; without it, it starts a Snakemake process per job (slower, same result).
+    """
+    from snakemake.utils import format as snakemake_format
+
+    from cgflow.cli import run_step
+
+    run_step(["wf", *shlex.split(snakemake_format(command, stepout=2))], log[0])

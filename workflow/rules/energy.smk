@@ -57,13 +57,13 @@ rule gather:
         "results/{campaign}/logs/gather/iter_{iteration}.log",
     benchmark:
         "results/{campaign}/benchmarks/gather/iter_{iteration}.tsv"
-    conda:
-        "../../envs/cgflow.yaml"
     params:
         k=iteration,
         previous_labels=previous_labels_option,
-    shell:
-        "cgflow wf gather --config {input.cfg} --iteration {params.k}"
-        " --points {input.points} --samples {input.samples}"
-        " --energies {input.energies} {params.previous_labels} --out {output}"
-        " > {log} 2>&1"
+    run:
+        cgflow_step(
+            log,
+            "gather --config {input.cfg} --iteration {params.k}"
+            " --points {input.points} --samples {input.samples}"
+            " --energies {input.energies} {params.previous_labels} --out {output}",
+        )

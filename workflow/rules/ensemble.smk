@@ -42,11 +42,12 @@ rule evaluate:
         "results/{campaign}/logs/evaluate/iter_{iteration}.log",
     benchmark:
         "results/{campaign}/benchmarks/evaluate/iter_{iteration}.tsv"
-    conda:
-        "../../envs/cgflow.yaml"
     params:
         k=iteration,
-    shell:
-        "cgflow wf evaluate --config {input.cfg} --iteration {params.k}"
-        " --ensemble {input.ensemble} --points {input.points} --labels {input.labels}"
-        " --out-metrics {output.metrics} --out-plot {output.plot} > {log} 2>&1"
+    run:
+        cgflow_step(
+            log,
+            "evaluate --config {input.cfg} --iteration {params.k}"
+            " --ensemble {input.ensemble} --points {input.points} --labels {input.labels}"
+            " --out-metrics {output.metrics} --out-plot {output.plot}",
+        )

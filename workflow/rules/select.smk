@@ -15,15 +15,15 @@ rule walkers:
         "results/{campaign}/logs/walkers/iter_{iteration}.log",
     benchmark:
         "results/{campaign}/benchmarks/walkers/iter_{iteration}.tsv"
-    conda:
-        "../../envs/cgflow.yaml"
     params:
         k=iteration,
-    shell:
-        "cgflow wf walkers --config {input.cfg} --iteration {params.k}"
-        " --ensemble {input.ensemble} --points {input.points} --start {input.start}"
-        " --out {output}"
-        " > {log} 2>&1"
+    run:
+        cgflow_step(
+            log,
+            "walkers --config {input.cfg} --iteration {params.k}"
+            " --ensemble {input.ensemble} --points {input.points} --start {input.start}"
+            " --out {output}",
+        )
 
 
 rule select:
@@ -37,14 +37,14 @@ rule select:
         "results/{campaign}/logs/select/iter_{iteration}.log",
     benchmark:
         "results/{campaign}/benchmarks/select/iter_{iteration}.tsv"
-    conda:
-        "../../envs/cgflow.yaml"
     params:
         k=iteration,
-    shell:
-        "cgflow wf select --config {input.cfg} --iteration {params.k}"
-        " --walkers {input.walkers} --points {input.points} --out {output}"
-        " > {log} 2>&1"
+    run:
+        cgflow_step(
+            log,
+            "select --config {input.cfg} --iteration {params.k}"
+            " --walkers {input.walkers} --points {input.points} --out {output}",
+        )
 
 
 checkpoint check:
@@ -57,12 +57,12 @@ checkpoint check:
         "results/{campaign}/logs/check/iter_{iteration}.log",
     benchmark:
         "results/{campaign}/benchmarks/check/iter_{iteration}.tsv"
-    conda:
-        "../../envs/cgflow.yaml"
     params:
         k=iteration,
         stop=stop_options,
-    shell:
-        "cgflow wf check --iteration {params.k} {params.stop}"
-        " --walkers {input.walkers} --metrics {input.metrics} --out {output.status}"
-        " > {log} 2>&1"
+    run:
+        cgflow_step(
+            log,
+            "check --iteration {params.k} {params.stop}"
+            " --walkers {input.walkers} --metrics {input.metrics} --out {output.status}",
+        )

@@ -49,8 +49,8 @@ rule initial_points:
         "results/{campaign}/logs/initial_points/iter_000.log",
     benchmark:
         "results/{campaign}/benchmarks/initial_points/iter_000.tsv"
-    conda:
-        "../../envs/cgflow.yaml"
-    shell:
-        "cgflow wf initial-points --config {input.cfg} --start {input.start} --out {output}"
-        " > {log} 2>&1"
+    run:
+        cgflow_step(
+            log,
+            "initial-points --config {input.cfg} --start {input.start} --out {output}",
+        )

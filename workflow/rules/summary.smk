@@ -11,12 +11,10 @@ rule config_snapshot:
         "results/{campaign}/logs/config_snapshot/config_snapshot.log",
     benchmark:
         "results/{campaign}/benchmarks/config_snapshot/config_snapshot.tsv"
-    conda:
-        "../../envs/cgflow.yaml"
     params:
         cfg=config_json,
-    shell:
-        "cgflow wf snapshot --out {output} --json {params.cfg:q} > {log} 2>&1"
+    run:
+        cgflow_step(log, "snapshot --out {output} --json {params.cfg:q}")
 
 
 rule summary:
@@ -40,16 +38,17 @@ rule summary:
         "results/{campaign}/logs/summary/summary.log",
     benchmark:
         "results/{campaign}/benchmarks/summary/summary.tsv"
-    conda:
-        "../../envs/cgflow.yaml"
     params:
         campaign_dir=campaign_folder,
         n=summary_iterations,
         baselines=baselines_option,
-    shell:
-        "cgflow wf summary --config {input.cfg} --campaign-dir {params.campaign_dir}"
-        " --iterations {params.n} --out {output.table} --out-plot {output.plot}"
-        " {params.baselines} > {log} 2>&1"
+    run:
+        cgflow_step(
+            log,
+            "summary --config {input.cfg} --campaign-dir {params.campaign_dir}"
+            " --iterations {params.n} --out {output.table} --out-plot {output.plot}"
+            " {params.baselines}",
+        )
 
 
 rule speedup:
@@ -68,12 +67,12 @@ rule speedup:
         "results/{campaign}/logs/speedup/speedup.log",
     benchmark:
         "results/{campaign}/benchmarks/speedup/speedup.tsv"
-    conda:
-        "../../envs/cgflow.yaml"
-    shell:
-        "cgflow wf speedup --summary {input.summary}"
-        " --baselines {input.baselines} --out {output.table} --out-md {output.md}"
-        " > {log} 2>&1"
+    run:
+        cgflow_step(
+            log,
+            "speedup --summary {input.summary}"
+            " --baselines {input.baselines} --out {output.table} --out-md {output.md}",
+        )
 
 
 rule backmap:
