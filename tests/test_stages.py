@@ -9,9 +9,9 @@ import yaml
 
 from cgflow.config import (
     allocates_draws,
-    focuses_training,
     needs_previous_labels,
     prioritizes_training,
+    trains_with_ensemble,
     write_snapshot,
 )
 from cgflow.data import read_h5
@@ -98,7 +98,7 @@ def run_iteration(st, root, k, n_shards=1, max_iterations=1):
     """Iteration k through the stage functions, as the workflow's rules call them."""
     prev, it = root / f"iter_{k - 1:03d}", root / f"iter_{k:03d}"
     i0 = root / "iter_000"
-    focus = prev / "ensemble.pt" if focuses_training(st.cfg, k) else None
+    focus = prev / "ensemble.pt" if trains_with_ensemble(st.cfg, k) else None
     prio = prev / "labels.h5" if prioritizes_training(st.cfg, k) else None
     train.finetune(
         st, k, prev / "flow.pt", prev / "points.h5", it / "flow.pt", it / "train.h5", focus, prio
@@ -566,7 +566,7 @@ def test_pooled_labels_combine_every_iterations_draws(tmp_path, allocate):
     cfg["labels"]["min_draws"] = 4
     cfg["labels"]["populated_kT"] = 0.5
     cfg["energy_training"]["focus_populated"] = allocate
-    cfg["energy_training"]["priority"] = {"kind": "gap" if allocate else "uniform"}
+    cfg["energy_training"]["priority"] = {"kind": "populated_gap" if allocate else "uniform"}
     cfg["walkers"]["novelty_radius"] = 0.05 if allocate else None
     st = Settings.load(write_snapshot(cfg, tmp_path / "config.yaml"))
     run_iteration_zero(st, tmp_path)
@@ -580,7 +580,7 @@ def test_pooled_labels_combine_every_iterations_draws(tmp_path, allocate):
     ).all()
     tr = read_h5(tmp_path / "iter_002" / "train.h5", "train").attrs
     assert tr["focus_populated"] is allocate
-    assert tr["priority"] == ("gap" if allocate else "uniform")
+    assert tr["priority"] == ("populated_gap" if allocate else "uniform")
     if allocate:
         assert len(np.unique(new)) > 1 and new.min() >= 4 and new.sum() <= 16 * len(new)
         # fine-tuning trains only at the points iteration 1's ensemble predicts populated
@@ -647,6 +647,32 @@ def test_pooled_labels_combine_every_iterations_draws(tmp_path, allocate):
     bad["labels"]["allocate"] = True
     with pytest.raises(ValueError, match=r"allocate needs labels\.pool_draws"):
         Settings(bad)
+
+
+def test_populated_gap_priority_weights_only_populated_old_points(tmp_path, campaign):
+    """`energy_training.priority.kind: populated_gap`: fine-tuning needs iteration k − 1's
+    ensemble (refused by name without it); old points it predicts populated weigh
+    min(gap, cap)^power, the others 1."""
+    root, _, _, _ = campaign
+    i1 = root / "iter_001"
+    cfg = json.loads(json.dumps(CFG))
+    cfg["energy_training"]["priority"] = {"kind": "populated_gap", "cap_nat": 10.0, "power": 2.0}
+    p = read_h5(i1 / "points.h5", "points")
+    F1, _ = FreeEnergyEnsemble.load(i1 / "ensemble.pt").predict(torch.as_tensor(p["s"]))
+    cfg["labels"]["populated_kT"] = float((F1 - F1.min()).median())  # half the points
+    st = Settings(cfg)
+    args = (st, 2, i1 / "flow.pt", i1 / "points.h5", tmp_path / "f.pt", tmp_path / "t.h5")
+    with pytest.raises(ValueError, match=r"populated_gap.*ensemble must be given"):
+        train.finetune(*args, None, i1 / "labels.h5")
+    train.finetune(*args, i1 / "ensemble.pt", i1 / "labels.h5")
+    assert read_h5(tmp_path / "t.h5", "train").attrs["priority"] == "populated_gap"
+    older = torch.arange(len(p["s"]))
+    mass = train.populated(st, i1 / "ensemble.pt", torch.as_tensor(p["s"]))
+    assert 0 < int(mass.sum()) < len(mass)
+    w = train.old_point_weights(st, i1 / "labels.h5", older, mass)
+    gap_w = train.old_point_weights(st, i1 / "labels.h5", older)
+    assert torch.equal(w[~mass], torch.ones(int((~mass).sum()), dtype=w.dtype))
+    assert torch.equal(w[mass], gap_w[mass])
 
 
 def test_shards_take_consecutive_points_with_about_the_same_draws():

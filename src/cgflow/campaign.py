@@ -117,7 +117,7 @@ def run_campaign(
     for k in range(1, stop["max_iterations"] + 1):
         prev_flow, prev_points = f(k - 1, "flow.pt"), f(k - 1, "points.h5")
         flow, train_h5 = f(k, "flow.pt"), f(k, "train.h5")
-        focus = f(k - 1, "ensemble.pt") if cfgmod.focuses_training(cfg, k) else None
+        focus = f(k - 1, "ensemble.pt") if cfgmod.trains_with_ensemble(cfg, k) else None
         prio = f(k - 1, "labels.h5") if cfgmod.prioritizes_training(cfg, k) else None
         job(
             "finetune",

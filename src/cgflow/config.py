@@ -106,7 +106,14 @@ def focuses_training(cfg: dict[str, Any], k: int) -> bool:
 
 def prioritizes_training(cfg: dict[str, Any], k: int) -> bool:
     """Does iteration k's fine-tuning weight its old points by iteration k − 1's labels?"""
-    return cfg["energy_training"]["priority"]["kind"] == "gap" and k >= 2
+    return cfg["energy_training"]["priority"]["kind"] in ("gap", "populated_gap") and k >= 2
+
+
+def trains_with_ensemble(cfg: dict[str, Any], k: int) -> bool:
+    """Does iteration k's fine-tuning read iteration k − 1's ensemble (to focus on populated
+    points, or to weight only those by their gap)?"""
+    kind = cfg["energy_training"]["priority"]["kind"]
+    return focuses_training(cfg, k) or (kind == "populated_gap" and k >= 2)
 
 
 def stop_settings(cfg: dict[str, Any]) -> dict[str, Any]:

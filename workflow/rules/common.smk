@@ -170,15 +170,16 @@ def gather_inputs(wildcards):
 
 def finetune_inputs(wildcards):
     """Inputs of finetune: the previous flow and points, the previous ensemble when the
-    training focuses on populated points (cgflow.config.focuses_training), the previous labels
-    when it weights old points by their gap (cgflow.config.prioritizes_training)."""
+    training focuses on populated points or weights only those by their gap
+    (cgflow.config.trains_with_ensemble), the previous labels when it weights old points by
+    their gap (cgflow.config.prioritizes_training)."""
     k = iteration(wildcards)
     inputs = {
         "cfg": config_snapshot(wildcards),
         "flow": iteration_file(wildcards.campaign, k - 1, "flow.pt"),
         "points": iteration_file(wildcards.campaign, k - 1, "points.h5"),
     }
-    if cgconfig.focuses_training(config, k):
+    if cgconfig.trains_with_ensemble(config, k):
         inputs["ensemble"] = iteration_file(wildcards.campaign, k - 1, "ensemble.pt")
     if cgconfig.prioritizes_training(config, k):
         inputs["labels"] = iteration_file(wildcards.campaign, k - 1, "labels.h5")

@@ -24,9 +24,13 @@ def populated(st: Settings, ensemble_in: Any, s: torch.Tensor) -> torch.Tensor:
     return populated(mean, st["labels"]["populated_kT"])
 
 
-def old_point_weights(st: Settings, labels_in: Any, older: torch.Tensor) -> torch.Tensor:
+def old_point_weights(
+    st: Settings, labels_in: Any, older: torch.Tensor, mass: torch.Tensor | None = None
+) -> torch.Tensor:
     """Training weights of the old points ``older`` (point indices) from their log-weight gap
-    in ``labels_in`` (:func:`cgflow.training.priority_weights`; points without one: the median)."""
+    in ``labels_in`` (:func:`cgflow.training.priority_weights`; points without one: the median).
+    ``mass`` (bool per old point): only these are weighted by their gap, the others as a gap of
+    1 nat (``priority.kind: populated_gap``)."""
     from ..training import priority_weights
     from .labels import read_labels
 
@@ -42,7 +46,10 @@ def old_point_weights(st: Settings, labels_in: Any, older: torch.Tensor) -> torc
         if i in row:
             gap[r] = lab["log_w_gap_iteration"][row[i]]
     pr = st["energy_training"]["priority"]
-    return priority_weights(gap, pr["cap_nat"], pr["power"])
+    weights = priority_weights(gap, pr["cap_nat"], pr["power"])
+    if mass is not None:
+        weights = torch.where(mass, weights, torch.ones_like(weights))
+    return weights
 
 
 def finetune(
@@ -58,14 +65,19 @@ def finetune(
     """Reverse-KL training on the points added in iteration k−1 plus a fraction of older ones
     (with ``energy_training.focus_populated``: only those ``ensemble_in``, iteration k − 1's,
     predicts populated; with ``energy_training.priority.kind: gap`` the older ones weighted by
-    their log-weight gap in ``labels_in``, iteration k − 1's)."""
+    their log-weight gap in ``labels_in``, iteration k − 1's; ``populated_gap``: only those the
+    ensemble predicts populated)."""
     from ..flows import load_flow, load_optimizer, save_flow
     from ..training import EnergyConfig, train_by_energy
 
     et = st["energy_training"]
     focus = cfgmod.focuses_training(st.cfg, iteration)
-    setting = f"energy_training.focus_populated {et['focus_populated']}"
-    check_given(iteration, focus, ensemble_in is not None, setting, "ensemble")
+    setting = (
+        f"energy_training.focus_populated {et['focus_populated']} and "
+        f"energy_training.priority.kind {et['priority']['kind']!r}"
+    )
+    needs_ensemble = cfgmod.trains_with_ensemble(st.cfg, iteration)
+    check_given(iteration, needs_ensemble, ensemble_in is not None, setting, "ensemble")
     prioritize = cfgmod.prioritizes_training(st.cfg, iteration)
     setting = f"energy_training.priority.kind {et['priority']['kind']!r}"
     check_given(iteration, prioritize, labels_in is not None, setting, "labels")
@@ -85,7 +97,10 @@ def finetune(
     older = p["s"][is_older].to(st.dtype)
     weights = None
     if prioritize:
-        weights = old_point_weights(st, labels_in, torch.nonzero(is_older).flatten())
+        mass = None
+        if et["priority"]["kind"] == "populated_gap":
+            mass = populated(st, ensemble_in, p["s"][is_older])
+        weights = old_point_weights(st, labels_in, torch.nonzero(is_older).flatten(), mass)
     section = st["energy_training"]["first" if iteration == 1 else "later"]
     cfg = EnergyConfig(**section, seed=st.stage_seed(iteration, "finetune"))
     counter = EvaluationCounter()
