@@ -90,7 +90,6 @@ def run_step(argv: list[str], log: str | os.PathLike) -> None:
     _route_streams()
     with _step_lock, open(log, "w", encoding="utf-8") as out:
         _step_output.log = out
-        _step_output.in_process = True
         try:
             try:
                 status = main(argv)
@@ -104,7 +103,6 @@ def run_step(argv: list[str], log: str | os.PathLike) -> None:
         finally:
             out.flush()
             _step_output.log = None
-            _step_output.in_process = False
     if status:
         raise StepError(f"`cgflow {shlex.join(argv)}` exited with status {status} (log: {log})")
 
@@ -123,7 +121,7 @@ def _print_timing(step: str, started: float, imported: float, configured: float)
     """The step's own time apart from what the process spent before it: interpreter and cgflow
     start-up, the step's imports, reading the config and building the system."""
     now = time.perf_counter()
-    if getattr(_step_output, "in_process", False):
+    if getattr(_step_output, "log", None) is not None:
         before: float | None = 0.0  # no interpreter started for it (run_step)
     else:
         age = process_age_s()

@@ -259,22 +259,20 @@ def allocate_draws(
         need = torch.ceil(n * ((se / level) ** 2 - 1.0)).clamp(min=min_draws, max=max_draws)
         return torch.where(mass & known, need - min_draws, torch.zeros_like(need))
 
+    def shrink(extra: torch.Tensor, room: float) -> torch.Tensor:
+        """``extra`` scaled down by one factor (rounded down) if it adds up to more than ``room``."""
+        total = float(extra.sum())
+        return torch.floor(extra * (room / total)) if total > room else extra
+
     new = torch.where(mass & ~known, float(draws - min_draws), 0.0)
     room = float(budget - min_draws * P)
     if rule == "proportional":
-        extra = extra_for(target_se_kT) + new
-        if float(extra.sum()) > room:
-            extra = torch.floor(extra * (room / float(extra.sum())))
-        return (min_draws + extra).to(torch.int64)
+        return (min_draws + shrink(extra_for(target_se_kT) + new, room)).to(torch.int64)
     if float(new.sum()) >= room:
-        new = torch.floor(new * (room / max(float(new.sum()), 1.0)))
-        return (min_draws + new).to(torch.int64)
+        return (min_draws + shrink(new, room)).to(torch.int64)
     room -= float(new.sum())
     if rule == "new_first":
-        extra = extra_for(target_se_kT)
-        if float(extra.sum()) > room:
-            extra = torch.floor(extra * (room / float(extra.sum())))
-        return (min_draws + new + extra).to(torch.int64)
+        return (min_draws + new + shrink(extra_for(target_se_kT), room)).to(torch.int64)
     lo = target_se_kT
     if float(extra_for(lo).sum()) > room:
         # the lowest common level whose draws fit: bisection on log t (the sum falls as t grows)
