@@ -251,20 +251,20 @@ def test_vector_adam_matches_torch_adam_and_skips():
     from cgflow.free_energy import _VectorAdam
 
     gen = torch.Generator().manual_seed(0)
-    p0 = torch.randn(3, 4, 2, generator=gen)
-    stacked = {"w": p0.clone()}
+    p0 = torch.randn(3, 8, generator=gen)  # three members' flattened parameters
+    flat = p0.clone()
     ref = [torch.nn.Parameter(p0[m].clone()) for m in range(3)]
     opt = torch.optim.Adam(ref, lr=0.05)
-    vadam = _VectorAdam(stacked, lr=0.05)
+    vadam = _VectorAdam(flat, lr=0.05)
     for step in range(6):
-        g = torch.randn(3, 4, 2, generator=gen)
+        g = torch.randn(3, 8, generator=gen)
         ok = torch.tensor([True, step % 2 == 0, True])  # member 1 skips odd steps
-        vadam.step({"w": g}, ok)
+        vadam.step(g, ok)
         for m in range(3):
             ref[m].grad = g[m].clone() if ok[m] else None  # Adam ignores params without grad
         opt.step()
     for m in range(3):
-        torch.testing.assert_close(stacked["w"][m], ref[m].detach())
+        torch.testing.assert_close(flat[m], ref[m].detach())
 
 
 def test_ensemble_bad_input():
@@ -337,6 +337,31 @@ def test_pooled_draws_of_two_proposals_are_unbiased_and_a_wrong_combination_is_c
     z_wrong = torch.exp(-wrong)
     err_wrong = (z_wrong.mean() - Z) / (z_wrong.std() / math.sqrt(R))
     assert abs(float(err_wrong)) > 8.0
+
+
+def test_debiased_labels_remove_the_jensen_bias_of_few_draws():
+    """Log-normal weights w = exp(g), g ~ N(0, 1): exact F = −1/2. With 16 draws the label
+    −log(mean w) is too high by about (e − 1)/32 ≈ 0.05 kT; F − se²/2 leaves a small fraction
+    of that, and shifting the other way (a sign error) doubles it."""
+    from cgflow.free_energy import debiased_labels, fit_ensemble
+
+    gen = torch.Generator().manual_seed(5)
+    R, D = 40_000, 16
+    lab = pmf_labels(torch.randn(R, D, generator=gen, dtype=torch.float64))
+    stderr = float(lab.F_kT.std()) / math.sqrt(R)
+    bias = float(lab.F_kT.mean()) + 0.5
+    assert bias > 0.035 and bias > 10 * stderr
+    fixed = debiased_labels(lab.F_kT, lab.se_kT)
+    assert abs(float(fixed.mean()) + 0.5) < 0.3 * bias
+    wrong = lab.F_kT + 0.5 * lab.se_kT**2
+    assert float(wrong.mean()) + 0.5 > 1.8 * bias
+    # labels without a finite error are left alone; the fit refuses debias without errors
+    out = debiased_labels(torch.tensor([1.0, 2.0]), torch.tensor([math.inf, 0.2]))
+    torch.testing.assert_close(out, torch.tensor([1.0, 1.98], dtype=torch.float64))
+    settings = {"n_members": 2, "hidden": [4], "activation": "sigmoid", "init": "xavier"}
+    settings |= {"weighting": "uniform", "debias": True}
+    with pytest.raises(ValueError, match=r"ensemble\.debias True needs the labels' se_kT"):
+        fit_ensemble(settings, [True], torch.zeros(4, 1), torch.zeros(4), seed=0)
 
 
 def test_weight_sums_of_ragged_draws():

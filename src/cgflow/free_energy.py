@@ -40,6 +40,7 @@ __all__ = [
     "WeightSums",
     "allocate_draws",
     "cap_labels",
+    "debiased_labels",
     "fit_ensemble",
     "label_weights",
     "pmf_labels",
@@ -551,15 +552,26 @@ class FreeEnergyEnsemble:
             a = r.abs()
             return torch.where(a < huber_kT, r**2, huber_kT * (2.0 * a - huber_kT))
 
-        params = self._initial_params(gen)
-        self._params = params
+        init = self._initial_params(gen)
+        names = list(init)
+        shapes = [v.shape[1:] for v in init.values()]
+        sizes = [v[0].numel() for v in init.values()]
+        M = self.n_members
+        # one [M, n_params] leaf: gradient checks, Adam and early stopping are a few whole-tensor
+        # operations per batch instead of a few per parameter (the members' parameters are views)
+        flat = torch.cat([v.detach().reshape(M, -1) for v in init.values()], dim=1)
+        flat.requires_grad_(True)
+
+        def unflatten(vector: torch.Tensor) -> dict[str, torch.Tensor]:
+            parts = vector.split(sizes, dim=1)
+            return {k: p.view(M, *shape) for k, p, shape in zip(names, parts, shapes, strict=True)}
+
         train_idx, test_idx = self._splits(s.shape[0], split, train_fraction, gen)
         n_train, n_test = train_idx.shape[1], test_idx.shape[1]
         bsz = min(batch_size, n_train)
         n_batches = n_train // bsz
 
-        adam = _VectorAdam(params, lr=lr)
-        names = list(params)
+        adam = _VectorAdam(flat, lr=lr)
         history: dict[str, Any] = {
             "train_loss": [],
             "test_loss": [],
@@ -570,34 +582,33 @@ class FreeEnergyEnsemble:
             "n_skipped": 0,
             "shift_kT": self.shift_kT,
         }
-        M = self.n_members
         stopping = patience is not None and n_test > 0
         best_loss = torch.full((M,), math.inf, dtype=torch.float64)
         best_epoch = torch.full((M,), epochs, dtype=torch.int64)
-        best = {k: v.detach().clone() for k, v in params.items()} if stopping else None
+        best = flat.detach().clone() if stopping else None
+        x_test, y_test, w_test = x[test_idx], y[test_idx], wt[test_idx]
         for epoch in range(epochs):
             order = train_idx.gather(1, torch.argsort(torch.rand(M, n_train, generator=gen), dim=1))
             loss_sum = torch.zeros(M, dtype=torch.float64)
             loss_count = torch.zeros(M, dtype=torch.float64)
             for b in range(n_batches):
                 idx = order[:, b * bsz : (b + 1) * bsz]
-                pred = self._forward(params, x[idx])
-                loss = (wt[idx] * penalty(pred - y[idx])).sum(dim=1) / wt[idx].sum(dim=1)  # [M]
-                grads = torch.autograd.grad(loss.sum(), [params[k] for k in names])
-                ok = torch.isfinite(loss)
-                for g in grads:
-                    ok &= torch.isfinite(g).flatten(1).all(dim=1)
-                adam.step(dict(zip(names, grads, strict=True)), ok)
-                history["n_skipped"] += int((~ok).sum())
+                pred = self._forward(unflatten(flat), x[idx])
+                w_b = wt[idx]
+                loss = (w_b * penalty(pred - y[idx])).sum(dim=1) / w_b.sum(dim=1)  # [M]
+                (grad,) = torch.autograd.grad(loss.sum(), [flat])
+                # a member's gradient sum is non-finite if any entry is (or if it overflows)
+                ok = torch.isfinite(loss) & torch.isfinite(grad.sum(dim=1))
+                adam.step(grad, ok)
                 loss_d = loss.detach().to(torch.float64)
                 loss_sum += torch.where(ok, loss_d, torch.zeros_like(loss_d))
                 loss_count += ok.to(torch.float64)
+            history["n_skipped"] += int(n_batches * M - loss_count.sum())
             history["train_loss"].append(float((loss_sum / loss_count).mean()))
             if n_test > 0:
                 with torch.no_grad():
-                    pred = self._forward(params, x[test_idx])
-                    w_test = wt[test_idx]
-                    test = (w_test * penalty(pred - y[test_idx])).sum(dim=1) / w_test.sum(dim=1)
+                    pred = self._forward(unflatten(flat), x_test)
+                    test = (w_test * penalty(pred - y_test)).sum(dim=1) / w_test.sum(dim=1)
                     test = test.to(torch.float64)
                 history["test_loss_members"].append(test.tolist())
                 history["test_loss"].append(float(test.mean()))
@@ -609,15 +620,11 @@ class FreeEnergyEnsemble:
                 best_loss = torch.where(better, test, best_loss)
                 best_epoch = torch.where(better, epoch + 1, best_epoch)
                 with torch.no_grad():
-                    for k, v in params.items():
-                        sel = better.view((-1,) + (1,) * (v.ndim - 1))
-                        best[k] = torch.where(sel, v.detach(), best[k])
+                    best = torch.where(better.unsqueeze(1), flat.detach(), best)
                 if bool((epoch + 1 - best_epoch >= patience).all()):
                     break
-        if stopping:
-            with torch.no_grad():
-                for k, v in params.items():
-                    v.copy_(best[k])
+        final = best if stopping else flat.detach()
+        self._params = {k: v.clone().requires_grad_(True) for k, v in unflatten(final).items()}
         history["best_epoch"] = best_epoch.tolist()
         history["seconds"] = time.perf_counter() - t0
         return history
@@ -683,7 +690,8 @@ class FreeEnergyEnsemble:
 
 
 class _VectorAdam:
-    """Adam over stacked member parameters with per-member steps, so a member can skip a batch.
+    """Adam over the members' flattened parameters ``[M, n_params]`` with per-member steps, so a
+    member can skip a batch.
 
     Same update as ``torch.optim.Adam`` (betas 0.9/0.999, eps 1e-8, no weight decay), applied only
     to the members flagged ``ok``; skipped members keep their parameters, moments and step count.
@@ -691,43 +699,35 @@ class _VectorAdam:
 
     def __init__(
         self,
-        params: dict[str, torch.Tensor],
+        param: torch.Tensor,
         lr: float,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
     ) -> None:
-        self.params = params
+        self.param = param
         self.lr, self.betas, self.eps = float(lr), betas, float(eps)
-        first = next(iter(params.values()))
-        self.t = torch.zeros(first.shape[0], dtype=torch.float64)
-        self.m = {k: torch.zeros_like(v) for k, v in params.items()}
-        self.v = {k: torch.zeros_like(v) for k, v in params.items()}
+        self.t = torch.zeros(param.shape[0], dtype=torch.float64)
+        self.m = torch.zeros_like(param)
+        self.v = torch.zeros_like(param)
 
     @torch.no_grad()
-    def step(self, grads: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
+    def step(self, grad: torch.Tensor, ok: torch.Tensor) -> None:
         b1, b2 = self.betas
+        p, m, v = self.param, self.m, self.v
         self.t += ok.to(self.t.dtype)
-        bc1 = 1.0 - b1**self.t
-        bc2 = 1.0 - b2**self.t
-        every = bool(ok.all())  # the usual case: in-place updates, no masking
-        for k, p in self.params.items():
-            shape = (-1,) + (1,) * (p.ndim - 1)
-            m, v = self.m[k], self.v[k]
-            if every:
-                g = grads[k]
-                m.mul_(b1).add_(g, alpha=1.0 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-            else:
-                okb = ok.view(shape)
-                g = torch.where(okb, grads[k], torch.zeros_like(p))
-                m.copy_(torch.where(okb, b1 * m + (1.0 - b1) * g, m))
-                v.copy_(torch.where(okb, b2 * v + (1.0 - b2) * g * g, v))
-            c1 = bc1.to(p.dtype).view(shape)
-            c2 = bc2.to(p.dtype).view(shape)
-            update = (m / c1).div_((v / c2).sqrt_().add_(self.eps)).mul_(self.lr)
-            if not every:
-                update = torch.where(ok.view(shape), update, torch.zeros_like(p))
-            p.sub_(update)
+        c1 = (1.0 - b1**self.t).to(p.dtype).unsqueeze(1)
+        c2 = (1.0 - b2**self.t).to(p.dtype).unsqueeze(1)
+        if bool(ok.all()):  # the usual case: in-place updates, no masking
+            m.mul_(b1).add_(grad, alpha=1.0 - b1)
+            v.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
+            p.sub_((m / c1).div_((v / c2).sqrt_().add_(self.eps)).mul_(self.lr))
+            return
+        okb = ok.unsqueeze(1)
+        g = torch.where(okb, grad, torch.zeros_like(p))
+        m.copy_(torch.where(okb, b1 * m + (1.0 - b1) * g, m))
+        v.copy_(torch.where(okb, b2 * v + (1.0 - b2) * g * g, v))
+        update = (m / c1).div_((v / c2).sqrt_().add_(self.eps)).mul_(self.lr)
+        p.sub_(torch.where(okb, update, torch.zeros_like(p)))
 
 
 # ------------------------------------------------------------------------------ fitting a campaign
@@ -738,6 +738,15 @@ def cap_labels(f_kT: torch.Tensor, cap_kT: float | None) -> torch.Tensor:
     if not cap_kT > 0:
         raise ValueError(f"label_cap_kT must be > 0, got {cap_kT}")
     return torch.minimum(f_kT, f_kT.min() + cap_kT)
+
+
+def debiased_labels(f_kT: torch.Tensor, se_kT: torch.Tensor) -> torch.Tensor:
+    """Labels ``F − se²/2`` (kT): ``−log`` of a mean of importance weights overestimates F by
+    about half the mean's relative variance, which ``se²`` estimates (delta method, second
+    order); labels without a finite error stay as they are."""
+    f = torch.as_tensor(f_kT).to(torch.float64)
+    se = torch.as_tensor(se_kT).to(torch.float64)
+    return f - torch.where(torch.isfinite(se), 0.5 * se**2, torch.zeros_like(se))
 
 
 def label_weights(se_kT: torch.Tensor, weighting: str, se_floor_kT: float) -> torch.Tensor:
@@ -775,9 +784,12 @@ def fit_ensemble(
     )
     f_kT = torch.as_tensor(f_kT)
     if se_kT is None:
-        if e["weighting"] != "uniform":
-            raise ValueError(f"ensemble.weighting {e['weighting']!r} needs the labels' se_kT")
+        for key, plain in (("weighting", "uniform"), ("debias", False)):
+            if e[key] != plain:
+                raise ValueError(f"ensemble.{key} {e[key]!r} needs the labels' se_kT")
         se_kT = torch.zeros_like(f_kT)
+    if e["debias"]:
+        f_kT = debiased_labels(f_kT, se_kT)
     ensemble.fit(
         s,
         cap_labels(f_kT, e["label_cap_kT"]),
