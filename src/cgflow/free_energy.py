@@ -480,7 +480,8 @@ class FreeEnergyEnsemble:
         Non-finite labels are dropped (counted in ``n_dropped``). Adam (torch defaults besides
         ``lr``), MSE, shuffled batches of ``batch_size`` (``drop_last``; one batch of all
         training points if there are fewer). A member whose loss or gradient is non-finite on a
-        batch skips that batch (its parameters and Adam state stay unchanged).
+        batch (or whose gradient sum overflows) skips that batch (its parameters and Adam state
+        stay unchanged).
 
         ``weights`` (one per label, > 0): the squared error of label i counts ``weights[i]`` times
         (normalised to mean 1 over the finite labels), in training and in the test loss.

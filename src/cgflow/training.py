@@ -324,7 +324,7 @@ def train_by_energy(
                 continue
             opt.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(flow.parameters(), clip, foreach=True)
+            torch.nn.utils.clip_grad_norm_(flow.parameters(), clip)
             opt.step()
             total += float(loss.detach())
             n_batches += 1
