@@ -718,17 +718,17 @@ class _VectorAdam:
         self.t += ok.to(self.t.dtype)
         c1 = (1.0 - b1**self.t).to(p.dtype).unsqueeze(1)
         c2 = (1.0 - b2**self.t).to(p.dtype).unsqueeze(1)
-        if bool(ok.all()):  # the usual case: in-place updates, no masking
+        every = bool(ok.all())  # the usual case: in-place updates, no masking
+        okb = ok.unsqueeze(1)
+        if every:
             m.mul_(b1).add_(grad, alpha=1.0 - b1)
             v.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
-            p.sub_((m / c1).div_((v / c2).sqrt_().add_(self.eps)).mul_(self.lr))
-            return
-        okb = ok.unsqueeze(1)
-        g = torch.where(okb, grad, torch.zeros_like(p))
-        m.copy_(torch.where(okb, b1 * m + (1.0 - b1) * g, m))
-        v.copy_(torch.where(okb, b2 * v + (1.0 - b2) * g * g, v))
+        else:
+            g = torch.where(okb, grad, torch.zeros_like(p))
+            m.copy_(torch.where(okb, b1 * m + (1.0 - b1) * g, m))
+            v.copy_(torch.where(okb, b2 * v + (1.0 - b2) * g * g, v))
         update = (m / c1).div_((v / c2).sqrt_().add_(self.eps)).mul_(self.lr)
-        p.sub_(torch.where(okb, update, torch.zeros_like(p)))
+        p.sub_(update if every else torch.where(okb, update, torch.zeros_like(p)))
 
 
 # ------------------------------------------------------------------------------ fitting a campaign
