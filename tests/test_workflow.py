@@ -4,6 +4,7 @@ Each test runs in a private copy of the workflow files, so results/ and .snakema
 repository are never touched.
 """
 
+import json
 import os
 import re
 import shutil
@@ -229,6 +230,31 @@ def test_in_process_runner_gives_the_workflow_summary(tmp_path, complete_run):
     assert "Nothing to be done" in res.stdout + res.stderr, res.stdout[-2000:]
 
 
+def step_timing(log: Path) -> dict:
+    """The `cgflow step seconds` line a step printed last in its log."""
+    from cgflow.cli import TIMING_PREFIX
+
+    lines = [x for x in log.read_text().splitlines() if x.startswith(TIMING_PREFIX)]
+    assert lines, log
+    return json.loads(lines[-1][len(TIMING_PREFIX) :])
+
+
+def test_heavy_steps_in_process_give_the_same_summary(tmp_path, complete_run):
+    """`steps_in_process: true` runs finetune, sample, energy and ensemble inside the Snakemake
+    process (no interpreter per job: their logs report no start-up) with the same results;
+    each step computes with its rule's threads (the tiny Müller–Brown networks give the same
+    numbers with two)."""
+    wd = workdir(tmp_path)
+    snakemake(wd, "--config", "steps_in_process=True", "threads=2")
+    assert_same_summary(wd / CAMPAIGN / "summary.csv", complete_run / CAMPAIGN / "summary.csv")
+    for rule, threads in (("finetune", 2), ("sample", 1), ("energy", 1), ("ensemble", 2)):
+        timings = [step_timing(p) for p in (wd / CAMPAIGN / "logs" / rule).glob("*.log")]
+        assert timings and all(t["startup_s"] == 0.0 for t in timings), rule
+        assert all(t["torch_threads"] == threads for t in timings), rule
+        shell = [step_timing(p) for p in (complete_run / CAMPAIGN / "logs" / rule).glob("*.log")]
+        assert shell and all(t["startup_s"] > 0.0 for t in shell), rule
+
+
 def test_kill_and_resume_gives_the_same_summary(tmp_path, complete_run):
     wd = workdir(tmp_path)
     cmd = [sys.executable, "-m", "snakemake", "--configfile", "config/test_mb.yaml", "--cores", "2"]
@@ -282,11 +308,13 @@ def test_dry_run_plans(tmp_path):
     }
     assert {k: counts.get(k) for k in expected} == expected, res.stdout
     assert counts.get("total") == sum(expected.values())
-    plain = snakemake(wd, "-n", "-p")
+    plain = snakemake(wd, "-n", "-p", "--config", "threads=2")
     assert "start" in plain.stdout
-    # the steps that run alone get the rule's threads (capped at --cores)
+    # the steps that run alone get the config's threads (capped at --cores), the others one
+    jobs = {m[1]: m[2] for m in re.finditer(r"rule (\w+):\n(.*?)(?=\n\[|\Z)", plain.stdout, re.S)}
     for step in ("finetune", "ensemble"):
-        assert re.search(rf"CGFLOW_TORCH_THREADS=\d+ cgflow wf {step} ", plain.stdout), step
+        assert re.search(r"threads: 2\n", jobs[step]), jobs[step]
+    assert "threads:" not in jobs["sample"]
 
 
 def test_bad_config_key_fails_before_any_job(tmp_path):

@@ -80,9 +80,10 @@ class StepError(RuntimeError):
     """A step run by :func:`run_step` ended with a non-zero status (its log says why)."""
 
 
-def run_step(argv: list[str], log: str | os.PathLike) -> None:
+def run_step(argv: list[str], log: str | os.PathLike, threads: int = 1) -> None:
     """Run ``cgflow <argv>`` in this process, its printed output going to ``log`` (created anew),
-    as the workflow's run: rules do; raises :class:`StepError` if the step fails.
+    as the workflow's run: rules do; raises :class:`StepError` if the step fails. A ``wf`` step
+    computes with ``threads`` torch threads (a shell job reads ``CGFLOW_TORCH_THREADS``).
 
     Steps run one at a time (a lock), in whatever thread calls; other threads keep printing to
     the real streams. Output written below Python (C libraries) is not captured."""
@@ -90,6 +91,7 @@ def run_step(argv: list[str], log: str | os.PathLike) -> None:
     _route_streams()
     with _step_lock, open(log, "w", encoding="utf-8") as out:
         _step_output.log = out
+        _step_output.threads = threads
         try:
             try:
                 status = main(argv)
@@ -103,6 +105,7 @@ def run_step(argv: list[str], log: str | os.PathLike) -> None:
         finally:
             out.flush()
             _step_output.log = None
+            _step_output.threads = None
     if status:
         raise StepError(f"`cgflow {shlex.join(argv)}` exited with status {status} (log: {log})")
 
@@ -133,6 +136,8 @@ def _print_timing(step: str, started: float, imported: float, configured: float)
         "setup_s": configured - imported,
         "compute_s": now - configured,
     }
+    if "torch" in sys.modules:  # the CPU threads the step computed with
+        timing["torch_threads"] = sys.modules["torch"].get_num_threads()
     print(f"{TIMING_PREFIX} {json.dumps(timing)}", flush=True)
 
 
@@ -262,7 +267,8 @@ def cmd_wf(args: argparse.Namespace) -> int:
         return 0
     import torch
 
-    torch.set_num_threads(int(os.environ.get("CGFLOW_TORCH_THREADS", "1")))
+    threads = getattr(_step_output, "threads", None)  # set by run_step
+    torch.set_num_threads(threads or int(os.environ.get("CGFLOW_TORCH_THREADS", "1")))
     from . import config as cfgmod
     from .stages import ensemble, evaluate, labels, report, select, start, train
     from .stages.settings import Settings

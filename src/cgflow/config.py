@@ -22,8 +22,8 @@ STOP_KEYS = ("max_iterations", "stop")
 #: keys that only shape outputs after the campaign (summary plot, backmap): kept out of the
 #: snapshot, so changing them never reruns the campaign
 POST_KEYS = ("backmap", "baselines")
-#: keys that only decide how the steps run (CPU threads): kept out of the snapshot
-RUN_KEYS = ("threads",)
+#: keys that only decide how the steps run (CPU threads, which process): kept out of the snapshot
+RUN_KEYS = ("threads", "steps_in_process")
 
 #: systems with an all-atom topology (the only ones whose structures can be backmapped)
 TOPOLOGY_SYSTEMS = ("alanine_dipeptide",)

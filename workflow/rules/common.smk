@@ -311,16 +311,36 @@ def backmap_folder(wildcards):
 
 
 # ------------------------------------------------------------------------ in-process steps
-def cgflow_step(log, command):
-    """Run `cgflow wf <command>` inside this Snakemake process (cgflow.cli.run_step), its
-    output in the rule's log: the cheap local rules start no interpreter and import torch once
-    per campaign, not once per job. `command` is formatted like a shell directive ({input.x},
-    {params.k}, {x:q}) from the calling rule's namespace, then split like a shell would.
-    With --force-use-threads (both profiles) the local executor runs such jobs in threads of
-    this process; without it, it starts a Snakemake process per job (slower, same result).
+def cgflow_step(log, command, threads=1, stepout=2):
+    """Run `cgflow wf <command>` inside this Snakemake process (cgflow.cli.run_step), with
+    `threads` torch threads, its output in the rule's log: the cheap local rules start no
+    interpreter and import torch once per campaign, not once per job. `command` is formatted
+    like a shell directive ({input.x}, {params.k}, {x:q}) from the calling rule's namespace,
+    then split like a shell would. With --force-use-threads (both profiles) the local executor
+    runs such jobs in threads of this process; without it, it starts a Snakemake process per
+    job (slower, same result).
     """
     from snakemake.utils import format as snakemake_format
 
     from cgflow.cli import run_step
 
-    run_step(["wf", *shlex.split(snakemake_format(command, stepout=2))], log[0])
+    argv = shlex.split(snakemake_format(command, stepout=stepout))
+    run_step(["wf", *argv], log[0], threads=threads)
+
+
+def cgflow_job(log, threads, command):
+    """A heavy step (finetune, sample, energy, ensemble): `cgflow wf <command>` as its own
+    process, `threads` torch threads, output in the rule's log; with `steps_in_process` in
+    the config, in this process like the cheap rules (:func:`cgflow_step`). `command` is
+    formatted from the calling rule's namespace."""
+    if config["steps_in_process"]:
+        cgflow_step(log, command, threads=threads, stepout=3)
+        return
+    from snakemake.utils import format as snakemake_format
+
+    formatted = snakemake_format(command, stepout=2)
+    escaped = formatted.replace("{", "{{").replace("}", "}}")  # shell() formats again
+    shell(
+        f"CGFLOW_TORCH_THREADS={int(threads)} cgflow wf {escaped}"
+        f" > {shlex.quote(str(log[0]))} 2>&1"
+    )

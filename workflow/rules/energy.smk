@@ -11,8 +11,6 @@ rule sample:
         "results/{campaign}/logs/sample/iter_{iteration}_shard_{shard}.log",
     benchmark:
         "results/{campaign}/benchmarks/sample/iter_{iteration}_shard_{shard}.tsv"
-    conda:
-        "../../envs/cgflow.yaml"
     resources:
         runtime=30,
         mem_mb=4000,
@@ -20,11 +18,14 @@ rule sample:
         k=iteration,
         n_shards=n_shards,
         allocation=previous_options,
-    shell:
-        "cgflow wf sample --config {input.cfg} --iteration {params.k}"
-        " --flow {input.flow} --points {input.points} {params.allocation}"
-        " --shard {wildcards.shard} --n-shards {params.n_shards} --out {output}"
-        " > {log} 2>&1"
+    run:
+        cgflow_job(
+            log,
+            threads,
+            "sample --config {input.cfg} --iteration {params.k}"
+            " --flow {input.flow} --points {input.points} {params.allocation}"
+            " --shard {wildcards.shard} --n-shards {params.n_shards} --out {output}",
+        )
 
 
 rule energy:
@@ -37,15 +38,17 @@ rule energy:
         "results/{campaign}/logs/energy/iter_{iteration}_shard_{shard}.log",
     benchmark:
         "results/{campaign}/benchmarks/energy/iter_{iteration}_shard_{shard}.tsv"
-    conda:
-        "../../envs/cgflow.yaml"
     resources:
         gpu=1,
         runtime=60,
         mem_mb=8000,
-    shell:
-        "cgflow wf energy --config {input.cfg} --samples {input.samples}"
-        " --shard {wildcards.shard} --out {output} > {log} 2>&1"
+    run:
+        cgflow_job(
+            log,
+            threads,
+            "energy --config {input.cfg} --samples {input.samples}"
+            " --shard {wildcards.shard} --out {output}",
+        )
 
 
 rule gather:

@@ -11,17 +11,19 @@ rule ensemble:
         "results/{campaign}/logs/ensemble/iter_{iteration}.log",
     benchmark:
         "results/{campaign}/benchmarks/ensemble/iter_{iteration}.tsv"
-    conda:
-        "../../envs/cgflow.yaml"
     threads: config["threads"]
     resources:
         runtime=60,
         mem_mb=4000,
     params:
         k=iteration,
-    shell:
-        "CGFLOW_TORCH_THREADS={threads} cgflow wf ensemble --config {input.cfg} --iteration {params.k}"
-        " --labels {input.labels} --out {output} > {log} 2>&1"
+    run:
+        cgflow_job(
+            log,
+            threads,
+            "ensemble --config {input.cfg} --iteration {params.k}"
+            " --labels {input.labels} --out {output}",
+        )
 
 
 rule evaluate:

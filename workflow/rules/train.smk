@@ -11,8 +11,6 @@ rule finetune:
         "results/{campaign}/logs/finetune/iter_{iteration}.log",
     benchmark:
         "results/{campaign}/benchmarks/finetune/iter_{iteration}.tsv"
-    conda:
-        "../../envs/cgflow.yaml"
     threads: config["threads"]
     resources:
         gpu=1,
@@ -21,7 +19,11 @@ rule finetune:
     params:
         k=iteration,
         focus=previous_options,
-    shell:
-        "CGFLOW_TORCH_THREADS={threads} cgflow wf finetune --config {input.cfg} --iteration {params.k}"
-        " --flow {input.flow} --points {input.points} {params.focus}"
-        " --out-flow {output.flow} --out-train {output.train} > {log} 2>&1"
+    run:
+        cgflow_job(
+            log,
+            threads,
+            "finetune --config {input.cfg} --iteration {params.k}"
+            " --flow {input.flow} --points {input.points} {params.focus}"
+            " --out-flow {output.flow} --out-train {output.train}",
+        )
