@@ -25,7 +25,6 @@ Figures against the workflow's targets (on 2 cores with nothing else running):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -38,7 +37,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from cgflow.cli import TIMING_PREFIX
+from cgflow.cli import read_step_timing
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the workflow's files; the rules read the torch-free config module and schema from src/
@@ -59,13 +58,8 @@ STEP_KEYS = ("startup_s", "imports_s", "setup_s", "compute_s")
 
 def step_timing(log: Path) -> dict[str, float] | None:
     """The timing line a step printed last in its log (None: no such line)."""
-    if not log.exists():
-        return None
-    for line in reversed(log.read_text(errors="replace").splitlines()):
-        if line.startswith(TIMING_PREFIX):
-            t = json.loads(line[len(TIMING_PREFIX) :])
-            return {k: float(t[k] or 0.0) for k in STEP_KEYS}
-    return None
+    t = read_step_timing(log)
+    return None if t is None else {k: float(t[k] or 0.0) for k in STEP_KEYS}
 
 
 def job_times(campaign_dir: Path) -> pd.DataFrame:

@@ -4,7 +4,6 @@ Each test runs in a private copy of the workflow files, so results/ and .snakema
 repository are never touched.
 """
 
-import json
 import os
 import re
 import shutil
@@ -230,28 +229,23 @@ def test_in_process_runner_gives_the_workflow_summary(tmp_path, complete_run):
     assert "Nothing to be done" in res.stdout + res.stderr, res.stdout[-2000:]
 
 
-def step_timing(log: Path) -> dict:
-    """The `cgflow step seconds` line a step printed last in its log."""
-    from cgflow.cli import TIMING_PREFIX
-
-    lines = [x for x in log.read_text().splitlines() if x.startswith(TIMING_PREFIX)]
-    assert lines, log
-    return json.loads(lines[-1][len(TIMING_PREFIX) :])
-
-
 def test_heavy_steps_in_process_give_the_same_summary(tmp_path, complete_run):
     """`steps_in_process: true` runs finetune, sample, energy and ensemble inside the Snakemake
     process (no interpreter per job: their logs report no start-up) with the same results;
     each step computes with its rule's threads (the tiny Müller–Brown networks give the same
     numbers with two)."""
+    from cgflow.cli import read_step_timing
+
     wd = workdir(tmp_path)
     snakemake(wd, "--config", "steps_in_process=True", "threads=2")
     assert_same_summary(wd / CAMPAIGN / "summary.csv", complete_run / CAMPAIGN / "summary.csv")
     for rule, threads in (("finetune", 2), ("sample", 1), ("energy", 1), ("ensemble", 2)):
-        timings = [step_timing(p) for p in (wd / CAMPAIGN / "logs" / rule).glob("*.log")]
+        timings = [read_step_timing(p) for p in (wd / CAMPAIGN / "logs" / rule).glob("*.log")]
         assert timings and all(t["startup_s"] == 0.0 for t in timings), rule
         assert all(t["torch_threads"] == threads for t in timings), rule
-        shell = [step_timing(p) for p in (complete_run / CAMPAIGN / "logs" / rule).glob("*.log")]
+        shell = [
+            read_step_timing(p) for p in (complete_run / CAMPAIGN / "logs" / rule).glob("*.log")
+        ]
         assert shell and all(t["startup_s"] > 0.0 for t in shell), rule
 
 

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 #: prefix of the line each workflow step prints last (read by benchmarks/workflow_overhead.py)
 TIMING_PREFIX = "cgflow step seconds:"
@@ -108,6 +108,18 @@ def run_step(argv: list[str], log: str | os.PathLike, threads: int = 1) -> None:
             _step_output.threads = None
     if status:
         raise StepError(f"`cgflow {shlex.join(argv)}` exited with status {status} (log: {log})")
+
+
+def read_step_timing(log: str | os.PathLike) -> dict[str, Any] | None:
+    """The :data:`TIMING_PREFIX` line a step printed last in its log, as a dict (None: the
+    log is missing or has no such line)."""
+    path = Path(log)
+    if not path.exists():
+        return None
+    for line in reversed(path.read_text(errors="replace").splitlines()):
+        if line.startswith(TIMING_PREFIX):
+            return json.loads(line[len(TIMING_PREFIX) :])
+    return None
 
 
 def process_age_s() -> float | None:

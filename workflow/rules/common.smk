@@ -311,34 +311,38 @@ def backmap_folder(wildcards):
 
 
 # ------------------------------------------------------------------------ in-process steps
-def cgflow_step(log, command, threads=1, stepout=2):
-    """Run `cgflow wf <command>` inside this Snakemake process (cgflow.cli.run_step), with
-    `threads` torch threads, its output in the rule's log: the cheap local rules start no
-    interpreter and import torch once per campaign, not once per job. `command` is formatted
-    like a shell directive ({input.x}, {params.k}, {x:q}) from the calling rule's namespace,
-    then split like a shell would. With --force-use-threads (both profiles) the local executor
+def _wf_in_process(log, formatted, threads):
+    """`cgflow wf <formatted>` inside this Snakemake process (cgflow.cli.run_step), split like
+    a shell would, with `threads` torch threads and its output in the rule's log."""
+    from cgflow.cli import run_step
+
+    run_step(["wf", *shlex.split(formatted)], log[0], threads=threads)
+
+
+def cgflow_step(log, command):
+    """Run `cgflow wf <command>` inside this Snakemake process, its output in the rule's log:
+    the cheap local rules start no interpreter and import torch once per campaign, not once
+    per job. `command` is formatted like a shell directive ({input.x}, {params.k}, {x:q}) from
+    the calling rule's namespace. With --force-use-threads (both profiles) the local executor
     runs such jobs in threads of this process; without it, it starts a Snakemake process per
     job (slower, same result).
     """
     from snakemake.utils import format as snakemake_format
 
-    from cgflow.cli import run_step
-
-    argv = shlex.split(snakemake_format(command, stepout=stepout))
-    run_step(["wf", *argv], log[0], threads=threads)
+    _wf_in_process(log, snakemake_format(command, stepout=2), threads=1)
 
 
 def cgflow_job(log, threads, command):
     """A heavy step (finetune, sample, energy, ensemble): `cgflow wf <command>` as its own
     process, `threads` torch threads, output in the rule's log; with `steps_in_process` in
-    the config, in this process like the cheap rules (:func:`cgflow_step`). `command` is
-    formatted from the calling rule's namespace."""
-    if config["steps_in_process"]:
-        cgflow_step(log, command, threads=threads, stepout=3)
-        return
+    the config, in this process like the cheap rules. `command` is formatted from the calling
+    rule's namespace."""
     from snakemake.utils import format as snakemake_format
 
     formatted = snakemake_format(command, stepout=2)
+    if config["steps_in_process"]:
+        _wf_in_process(log, formatted, threads)
+        return
     escaped = formatted.replace("{", "{{").replace("}", "}}")  # shell() formats again
     shell(
         f"CGFLOW_TORCH_THREADS={int(threads)} cgflow wf {escaped}"
