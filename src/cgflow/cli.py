@@ -17,8 +17,10 @@ rules, in the Snakemake process), with its output in the job's log.
 * ``cgflow reference generate --dir D --chunks n`` — run/continue chunks in ``D`` until ``n``
   exist (skips finished ones), merging after each.
 * ``cgflow baseline metad --out F`` — well-tempered metadynamics on φ/ψ (resumable).
-* ``cgflow baseline speedup --campaign S --md M --metad R... --out-dir D`` — points of every
-  method (campaign, plain MD, metadynamics), the speedup table and the curves.
+* ``cgflow baseline opes --out F`` — OPES on φ/ψ, or on ``x - y`` of Müller–Brown (resumable).
+* ``cgflow baseline speedup --campaign S... --md M --metad R... --opes R... --out-dir D`` —
+  points of every method and seed (campaign, plain MD, metadynamics, OPES), the speedup table
+  and the curves.
 """
 
 from __future__ import annotations
@@ -466,22 +468,37 @@ def cmd_baseline(args: argparse.Namespace) -> int:
             args.out,
             log=lambda m: print(m, flush=True),
         )
+    elif args.action == "opes":
+        from .opes import OPESSettings, exact_pmf_errors, run_opes
+        from .systems import get_system
+
+        names = {f.name for f in fields(OPESSettings)}
+        kw = {k: v for k, v in vars(args).items() if k in names and v is not None}
+        system = get_system(args.system)
+        run_opes(system, OPESSettings(**kw), args.out, log=lambda m: print(m, flush=True))
+        if hasattr(system, "exact_pmf"):
+            last = exact_pmf_errors(args.out, system)[-1]
+            print(
+                f"exact PMF: max |dF| {last['max_abs_dF_kT']:.3f} kT where F <= 10 kT "
+                f"at {last['evaluations']:.3g} evaluations"
+            )
     elif args.action == "speedup":
         from .baselines import build_speedup
         from .reference import load_reference
 
-        campaigns = {}
+        campaigns: dict[str, list[Path]] = {}
         for spec in args.campaign:
             name, sep, path = spec.partition("=")
             name, path = (name or "campaign", path) if sep else ("campaign", spec)
-            if name in campaigns:
-                raise ValueError(f"--campaign: the name {name!r} is given twice")
-            campaigns[name] = Path(path)
+            if Path(path) in campaigns.get(name, []):
+                raise ValueError(f"--campaign: {path} is given twice for {name!r}")
+            campaigns.setdefault(name, []).append(Path(path))
         table = build_speedup(
             args.out_dir,
             campaigns,
             md_h5=args.md,
             metad_h5=args.metad,
+            opes_h5=args.opes,
             targets=args.target or DEFAULT_TARGETS,
             reference=load_reference(args.reference) if args.reference else None,
         )
@@ -491,7 +508,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
 
 def _add_baseline(sub: argparse._SubParsersAction) -> None:
-    b = sub.add_parser("baseline", help="baselines: metadynamics, plain MD curves, speedup")
+    b = sub.add_parser("baseline", help="baselines: metadynamics, OPES, plain MD curves, speedup")
     bs = b.add_subparsers(dest="action", required=True)
     p = bs.add_parser("metad", help="well-tempered metadynamics on the CG dihedrals (resumable)")
     p.add_argument("--out", type=Path, required=True, help="run file (HDF5); resumed if present")
@@ -512,16 +529,46 @@ def _add_baseline(sub: argparse._SubParsersAction) -> None:
         ("--threads", int, "CPU platform threads"),
     ):
         p.add_argument(flag, type=typ, default=None, help=hlp)  # dest keeps the case: kJ
+    p = bs.add_parser("opes", help="OPES (OPES_METAD) on the CG coordinates (resumable)")
+    p.add_argument("--out", type=Path, required=True, help="run file (HDF5); resumed if present")
+    p.add_argument("--system", default="alanine_dipeptide", help="or mueller_brown (s = x - y)")
+    for flag, typ, hlp in (
+        ("--n-steps", int, "total MD steps (= energy evaluations)"),
+        ("--record-every", int, "steps between free-energy snapshots"),
+        ("--pace", int, "steps between kernel deposits"),
+        ("--barrier-kJ-per-mol", float, "the barrier parameter (sets epsilon)"),
+        ("--sigma", float, "initial kernel width (CG units: rad, nm)"),
+        ("--bias-factor", float, None),
+        ("--compression-threshold", float, "merge a kernel within this many widths"),
+        ("--timestep-fs", float, None),
+        ("--friction-per-ps", float, None),
+        ("--hydrogen-mass-amu", float, "0 = no repartitioning"),
+        ("--bias-grid", int, "bias table points per axis"),
+        ("--fes-grid", int, "free-energy snapshot points per axis"),
+        ("--seed", int, None),
+        ("--platform", str, "OpenMM platform (CPU, CUDA, ...)"),
+        ("--threads", int, "CPU platform threads"),
+    ):
+        p.add_argument(flag, type=typ, default=None, help=hlp)
+    p.add_argument(
+        "--fixed-sigma",
+        dest="shrink_sigma",
+        action="store_const",
+        const=False,
+        default=None,
+        help="keep the kernel width (default: shrink it with the effective sample size)",
+    )
     p = bs.add_parser("speedup", help="points of every method and the speedup table")
     p.add_argument(
         "--campaign",
         action="append",
         required=True,
-        help="[NAME=]summary.csv of a finished campaign (repeat; the first is the reference of "
-        "the ratios; name a grid-conditioning run 'grid')",
+        help="[NAME=]summary.csv of a finished campaign (repeat, one per seed: the same NAME "
+        "makes one method with several runs; the first NAME is the reference of the ratios)",
     )
     p.add_argument("--md", type=Path, default=None, help="plain-MD file with series_phi_psi")
     p.add_argument("--metad", type=Path, nargs="*", default=[], help="metadynamics run files")
+    p.add_argument("--opes", type=Path, nargs="*", default=[], help="OPES run files")
     p.add_argument("--target", action="append", default=None, help="e.g. kld_std36<=0.05 (repeat)")
     p.add_argument("--reference", type=Path, default=None, help="reference file (default: shipped)")
     p.add_argument("--out-dir", type=Path, required=True)

@@ -224,35 +224,47 @@ def _error_panel(ax: Any, df: Any, N: np.ndarray) -> None:
 
 
 #: line style and colour of each baseline, in the order of ``baselines.BASELINE_LABELS``
-_BASELINE_LINES = (("-", "0.35"), ("--", "0.35"), ("-.", "tab:brown"), (":", "tab:purple"))
+_BASELINE_LINES = (
+    ("-", "0.35"),
+    ("--", "0.35"),
+    ("-", "tab:olive"),
+    ("--", "tab:olive"),
+    ("-.", "tab:brown"),
+    ("-.", "tab:red"),
+    (":", "tab:purple"),
+)
+
+
+def _median_band(
+    ax: Any, points: Any, method: str, metric: str, band: bool, absolute: bool, **style: Any
+) -> None:
+    """The median over a method's runs with the range over runs shaded (where finite)."""
+    from .baselines import median_curve
+
+    n, med, lo, hi = median_curve(points, method, metric, absolute=absolute)
+    ok = np.isfinite(med)
+    if not ok.any():
+        return
+    ax.plot(n[ok], med[ok], **style)
+    fin = ok & np.isfinite(hi)
+    if band and fin.any() and np.any(hi[fin] > lo[fin]):
+        ax.fill_between(n[fin], lo[fin], hi[fin], color=style.get("color"), alpha=0.15, lw=0)
 
 
 def baseline_curves(
     ax: Any, points: Any, metric: str, band: bool = True, absolute: bool = False
 ) -> None:
-    """Mean over runs of ``metric`` (or of its absolute value) against evaluations for each
-    baseline method in the points table (``cgflow baseline speedup``), ± one standard deviation
-    shaded where runs differ. A point where any run is not finite (e.g. the ΔF of a trajectory
-    that never entered the basin) is left out, not averaged over the finite runs."""
+    """Median over runs (seeds, trajectories) of ``metric`` (or of its absolute value) against
+    evaluations for each baseline method in the points table (``cgflow baseline speedup``),
+    the range over runs shaded. A point where the median run is not finite (e.g. the ΔF of
+    trajectories that never entered the basin) is left out."""
     if points is None or metric not in points.columns:
         return
     from .baselines import BASELINE_LABELS
 
     for (method, label), (ls, colour) in zip(BASELINE_LABELS.items(), _BASELINE_LINES, strict=True):
-        df = points[(points["method"] == method) & points[metric].notna()]
-        if df.empty:
-            continue
-        values = df[metric].abs() if absolute else df[metric]
-        g = values.groupby(df["evaluations"])
-        mean_all = g.mean()
-        ok = np.isfinite(mean_all.to_numpy()) & np.isfinite(g.min().to_numpy())
-        n = mean_all.index.to_numpy(float)[ok]
-        mean, std = mean_all.to_numpy()[ok], g.std(ddof=0).to_numpy()[ok]
-        if not len(n):
-            continue
-        ax.plot(n, mean, ls=ls, color=colour, label=f"{label} ({metric})")
-        if band and np.nan_to_num(std).any():
-            ax.fill_between(n, mean - std, mean + std, color=colour, alpha=0.15, lw=0)
+        style = {"ls": ls, "color": colour, "label": f"{label} ({metric})"}
+        _median_band(ax, points, method, metric, band, absolute, **style)
 
 
 def convergence(
@@ -284,13 +296,13 @@ def convergence(
 def speedup_curves(
     path: str | os.PathLike, points: Any, targets: Sequence[str], campaign: str = "campaign"
 ) -> None:
-    """KLD (std36 and shifted100) and |ΔF(φ > 0) error| against energy evaluations for the
-    campaign (markers) and every baseline (lines), with the targets of the speedup table."""
-    metrics = [
-        m for m in ("kld_std36", "kld_shifted100", "dF_phi_pos_err_kT") if m in points.columns
-    ]
+    """KLD (std36 and std100) and |ΔF(φ > 0) error| against energy evaluations for the
+    campaign (markers) and every baseline (lines): the median over runs, the range shaded,
+    with the targets of the speedup table."""
+    wanted = ("kld_std36", "kld_std100", "dF_phi_pos_err_kT")
+    metrics = [m for m in wanted if m in points.columns]
     if not metrics:
-        raise ValueError("the points have none of kld_std36, kld_shifted100, dF_phi_pos_err_kT")
+        raise ValueError(f"the points have none of {', '.join(wanted)}")
     from .baselines import BASELINE_METHODS, parse_target
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.4 * len(metrics), 4.4), squeeze=False)
@@ -305,10 +317,8 @@ def speedup_curves(
     for ax, metric in zip(axes, metrics, strict=True):
         absolute = metric.startswith("dF_")
         for i, name in enumerate(shown):
-            df = points[(points["method"] == name) & np.isfinite(points[metric])]
-            if not df.empty:
-                y = df[metric].abs() if absolute else df[metric]
-                ax.plot(df["evaluations"], y, "o-", color=f"C{i}", ms=4, label=name)
+            style = {"marker": "o", "ms": 3, "color": f"C{i}", "label": name}
+            _median_band(ax, points, name, metric, True, absolute, **style)
         baseline_curves(ax, points, metric, absolute=absolute)
         for m, thr in parsed:
             if m == metric:
@@ -318,5 +328,5 @@ def speedup_curves(
         ax.set_xlabel("energy evaluations")
         ax.set_ylabel("|ΔF(φ > 0) error| / kT" if absolute else f"{metric} / nat")
         ax.legend(fontsize=7)
-    fig.suptitle("campaign vs baselines (targets dotted)")
+    fig.suptitle("campaign vs baselines: median over seeds, range shaded (targets dotted)")
     _save(fig, path)
