@@ -410,6 +410,13 @@ def test_speedup_table_medians_ratios_and_quoted_rows():
     md = bl.markdown_table(table)
     assert "| kld_std36<=0.1 | md_pooled | 1 | 1 | 2.00e+06 | reached |" in md
     assert "| dF_phi_pos_err_kT<=0.05 | md_pooled | 1 | 0 | >2.00e+08 | not reached |" in md
+    sentences = bl.target_sentences(table)
+    assert sentences == [
+        "**kld_std36 ≤ 0.1**: campaign at 2e+05 (3 of 3 runs) first, 10.0x fewer than the next, "
+        "MD, all trajectories pooled (histogram) at 2e+06 (1 of 1 runs).",
+        "**dF_phi_pos_err_kT ≤ 0.05**: only campaign at 4e+05 (3 of 3 runs); not reached (median "
+        "best value) by MD, all trajectories pooled (histogram) inf.",
+    ]
     with pytest.raises(ValueError, match="metric<=threshold"):
         bl.parse_target("kld_std36 0.1")
     with pytest.raises(ValueError, match="not one of"):
@@ -576,3 +583,16 @@ def test_campaign_speedup_step_against_shipped_style_points(tmp_path):
     assert t.loc[("kld_std36<=0.01", "metadynamics"), "ratio_to_campaign"] > 1
     with pytest.raises(ValueError, match="evaluations"):
         bl.campaign_speedup(summary, pd.DataFrame({"method": ["md_single"]}))
+
+
+def test_readme_states_the_shipped_table_one_sentence_per_target():
+    """README's sentence per target is the one the shipped speedup table gives."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    table = pd.read_csv(root / "data/baselines/speedup/speedup.csv")
+    readme = (root / "README.md").read_text()
+    sentences = bl.target_sentences(table)
+    assert len(sentences) == len(bl.DEFAULT_TARGETS)
+    for s in sentences:
+        assert f"* {s}" in readme

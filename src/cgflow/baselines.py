@@ -549,6 +549,62 @@ def markdown_table(table: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _label(method: str) -> str:
+    return BASELINE_LABELS.get(method, method)
+
+
+def target_sentences(table: Any, reference_method: str = "campaign") -> list[str]:
+    """One sentence per target of a speedup table: who reaches it with the fewest evaluations
+    (medians over runs), by what factor over the next method or the campaign, and who does
+    not reach it (with its median best value). Counting variants (``... (training only)``)
+    are left out."""
+    out = []
+    rows = table[table["status"].isin(["reached", "not reached"])]
+    rows = rows[~rows["method"].str.endswith("(training only)")]
+    for target, g in rows.groupby("target", sort=False):
+        metric, thr = parse_target(target)
+        head = f"**{metric} ≤ {thr:g}**: "
+        reached = g[g["status"] == "reached"].sort_values("evaluations")
+        short = g[g["status"] != "reached"].sort_values("best")
+
+        def who(r: Any) -> str:
+            return (
+                f"{_label(r.method)} at {r.evaluations:.2g} ({r.reached:.0f} of {r.runs:.0f} runs)"
+            )
+
+        if reached.empty:
+            b = short.iloc[0]
+            text = f"no method reaches it; the lowest median best value is {_label(b.method)}'s {b.best:.2g}"
+        else:
+            w = reached.iloc[0]
+            ref = g[g["method"] == reference_method]
+            ref = ref.iloc[0] if len(ref) else None
+            if len(reached) > 1:
+                n = reached.iloc[1]
+                text = (
+                    f"{who(w)} first, {n.evaluations / w.evaluations:.1f}x fewer than the next, "
+                    f"{who(n)}"
+                )
+                if (
+                    ref is not None
+                    and w.method != reference_method
+                    and n.method != reference_method
+                ):
+                    text += (
+                        f"; the campaign at {ref.evaluations:.2g} "
+                        f"({ref.evaluations / w.evaluations:.1f}x)"
+                        if ref.status == "reached"
+                        else f"; the campaign does not reach it (median best {ref.best:.2g})"
+                    )
+            else:
+                text = f"only {who(w)}"
+        if len(short):
+            names = ", ".join(f"{_label(r.method)} {r.best:.2g}" for r in short.itertuples())
+            text += f"; not reached (median best value) by {names}"
+        out.append(head + text + ".")
+    return out
+
+
 # ------------------------------------------------------------------------------ one call
 #: default targets: KLD thresholds down to about 3x the shipped reference's noise floors
 #: (100 x 100: 0.00111, 36 x 36: 0.00037) and the φ > 0 basin free energy to 0.3 kT (the
@@ -634,7 +690,8 @@ def build_speedup(
     out.mkdir(parents=True, exist_ok=True)
     points.to_csv(out / "points.csv", index=False)
     table.to_csv(out / "speedup.csv", index=False)
-    (out / "speedup.md").write_text(markdown_table(table))
+    sentences = "\n".join(f"* {s}" for s in target_sentences(table, reference_method=first))
+    (out / "speedup.md").write_text(markdown_table(table) + "\n" + sentences + "\n")
     from .plots import speedup_curves
 
     speedup_curves(out / "curves.png", points, targets, campaign=first)

@@ -1,23 +1,23 @@
 #!/usr/bin/env bash
-# The speedup table of issue 6 and the raw points behind it (repository root):
+# The speedup table and the raw points behind it (repository root):
 #   data/baselines/speedup/generate.sh
-# Needs the finished campaigns results/aldp_laptop (make run), results/aldp_laptop_seed1
-# (make run SNAKEMAKE_ARGS="--config seed=1 campaign=aldp_laptop_seed1") and results/aldp_grid
-# (make run SNAKEMAKE_ARGS="--configfile config/aldp_grid.yaml"), the plain-MD trajectories
-# (data/baselines/md_300K/generate.sh) and the metadynamics runs
-# (data/baselines/metad_300K/generate.sh SEED N_STEPS). Copies the campaigns' summary.csv next
-# to the table, so every row can be traced to its points.
+# Campaigns: the three seeds of the default config, each from scratch,
+#   cgflow run --configfile config/config.yaml --config seed=S --results DIR     (S = 0, 1, 2)
+# with DIR/aldp_laptop/summary.csv kept as campaigns/aldp_laptop_method_seedS_summary.csv.
+# Baselines: the plain-MD trajectories (data/baselines/md_300K/generate.sh), scored as
+# histograms and as kernel densities, the metadynamics runs
+# (data/baselines/metad_300K/generate.sh SEED 4000000, seeds 1-3) and the OPES runs
+# (data/baselines/opes_300K/generate.sh SEED, seeds 1-3). Takes about 3 minutes (the MD kernel
+# densities' cross-validation).
 set -euo pipefail
 CGFLOW=$(command -v cgflow || echo .venv/bin/cgflow)
 out=data/baselines/speedup
-mkdir -p "$out/campaigns"
-cp results/aldp_laptop/summary.csv "$out/campaigns/aldp_laptop_summary.csv"
-cp results/aldp_laptop_seed1/summary.csv "$out/campaigns/aldp_laptop_seed1_summary.csv"
-cp results/aldp_grid/summary.csv "$out/campaigns/aldp_grid_summary.csv"
-exec "$CGFLOW" baseline speedup \
-  --campaign "campaign=$out/campaigns/aldp_laptop_summary.csv" \
-  --campaign "campaign (seed 1)=$out/campaigns/aldp_laptop_seed1_summary.csv" \
-  --campaign "grid=$out/campaigns/aldp_grid_summary.csv" \
+campaigns=()
+for s in 0 1 2; do
+  campaigns+=(--campaign "campaign=$out/campaigns/aldp_laptop_method_seed${s}_summary.csv")
+done
+exec "$CGFLOW" baseline speedup "${campaigns[@]}" \
   --md data/baselines/md_300K/merged.h5 \
   --metad data/baselines/metad_300K/run_seed*.h5 \
+  --opes data/baselines/opes_300K/run_seed*.h5 \
   --out-dir "$out"
