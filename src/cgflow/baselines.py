@@ -408,13 +408,13 @@ def evaluations_to_reach(n: np.ndarray, y: np.ndarray, threshold: float) -> dict
 
     *measured*: log-log interpolation between the last point above and the next one; *at
     most*: below from the first point on; else *not reached* (``evaluations`` is the run's
-    length, ``best`` its lowest value). Never extrapolated.
+    length). Never extrapolated. ``best`` is the tightest threshold the run reaches by the same
+    rule: the larger of its last two values (a single low point does not count).
     """
     n, y = np.asarray(n, dtype=float), np.asarray(y, dtype=float)
     if len(n) == 0:
         return {"evaluations": math.nan, "status": "not run", "best": math.nan}
-    finite = y[np.isfinite(y)]
-    best = float(finite.min()) if len(finite) else math.inf
+    best = float(np.max(y[-2:]))
     above = np.flatnonzero(~(y <= threshold))
     i = 0 if len(above) == 0 else int(above[-1]) + 1  # first point of the final run below
     if i > len(y) - 2:
@@ -482,7 +482,7 @@ def parse_target(target: str) -> tuple[str, float]:
 def speedup_table(points: Any, targets: Sequence[str], reference_method: str = "campaign") -> Any:
     """Long table: per target and method the median evaluations over its runs to reach the
     target, the range over runs, how many runs reached it (:func:`combine_runs`), the median
-    of each run's best value, and the ratio to ``reference_method`` (``method / reference``:
+    of each run's best (the tightest threshold it reaches), and the ratio to ``reference_method`` (``method / reference``:
     the speedup of the campaign over that method), given only where both reached it; quoted
     rows appended."""
     import pandas as pd
@@ -556,7 +556,7 @@ def _label(method: str) -> str:
 def target_sentences(table: Any, reference_method: str = "campaign") -> list[str]:
     """One sentence per target of a speedup table: who reaches it with the fewest evaluations
     (medians over runs), by what factor over the next method or the campaign, and who does
-    not reach it (with its median best value). Counting variants (``... (training only)``)
+    not reach it (with the median of the tightest threshold each run reaches). Counting variants (``... (training only)``)
     are left out."""
     out = []
     rows = table[table["status"].isin(["reached", "not reached"])]
@@ -574,7 +574,7 @@ def target_sentences(table: Any, reference_method: str = "campaign") -> list[str
 
         if reached.empty:
             b = short.iloc[0]
-            text = f"no method reaches it; the lowest median best value is {_label(b.method)}'s {b.best:.2g}"
+            text = f"no method reaches it; the closest is {_label(b.method)} at {b.best:.2g}"
         else:
             w = reached.iloc[0]
             ref = g[g["method"] == reference_method]
@@ -600,7 +600,7 @@ def target_sentences(table: Any, reference_method: str = "campaign") -> list[str
                 text = f"only {who(w)}"
         if len(short):
             names = ", ".join(f"{_label(r.method)} {r.best:.2g}" for r in short.itertuples())
-            text += f"; not reached (median best value) by {names}"
+            text += f"; not reached by (the tightest level each holds, median) {names}"
         out.append(head + text + ".")
     return out
 
