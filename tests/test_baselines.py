@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import h5py
@@ -265,6 +266,39 @@ def test_opes_on_mueller_brown_runs_resumes_like_running_through(tmp_path):
         OPESSettings(record_every=600, pace=500)
     with pytest.raises(ValueError, match="two dihedral"):
         run_opes(SimpleNamespace(name="toy", openmm_system=None), st, tmp_path / "x.h5")
+
+
+@pytest.mark.slow
+def test_opes_mueller_brown_matches_the_exact_pmf(tmp_path):
+    """The shipped Müller–Brown validation (data/baselines/opes_300K/generate.sh
+    mueller_brown 1, about 9 min): max |ΔF| ≤ 0.5 kT where F ≤ 10 kT after 4e6 steps."""
+    from cgflow.cli import main
+    from cgflow.opes import exact_pmf_errors
+    from cgflow.systems import get_system
+
+    out = tmp_path / "mb.h5"
+    script = Path(__file__).resolve().parents[1] / "data/baselines/opes_300K/generate.sh"
+    text = script.read_text()
+    block = text[text.index("baseline opes --system mueller_brown") : text.index("\nfi\n")]
+    args = " ".join(line.strip().rstrip("\\") for line in block.splitlines()).split()[4:]
+    args = [a for a in args if not a.startswith('"') and a != "--out" and a != "--seed"]
+    assert (
+        main(
+            [
+                "baseline",
+                "opes",
+                "--system",
+                "mueller_brown",
+                "--out",
+                str(out),
+                "--seed",
+                "1",
+                *args,
+            ]
+        )
+        == 0
+    )
+    assert exact_pmf_errors(out, get_system("mueller_brown"))[-1]["max_abs_dF_kT"] <= 0.5
 
 
 # ------------------------------------------------------------------------------ MD curves
