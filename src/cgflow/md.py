@@ -180,6 +180,21 @@ def hydrogen_mass_repartition(
     return m
 
 
+def openmm_copy_with_masses(system: Any, hydrogen_mass_amu: float) -> Any:
+    """A copy of a molecular system's OpenMM ``System`` with hydrogen masses repartitioned to
+    ``hydrogen_mass_amu`` (0: the masses as they are)."""
+    import openmm as mm
+    from openmm import unit
+
+    omm = mm.XmlSerializer.deserialize(mm.XmlSerializer.serialize(system.openmm_system))
+    if hydrogen_mass_amu:
+        masses = particle_masses_amu(omm)
+        bonds = np.array([(b[0].index, b[1].index) for b in system.topology.bonds()])
+        for i, m in enumerate(hydrogen_mass_repartition(masses, bonds, hydrogen_mass_amu)):
+            omm.setParticleMass(i, m * unit.dalton)
+    return omm
+
+
 @dataclass
 class LangevinState:
     """State of ``C`` copies: positions (nm), velocities (nm/ps), energies (kJ/mol), forces."""

@@ -83,14 +83,9 @@ def _build(system: Any, settings: MetadSettings) -> tuple[Any, Any]:
     import openmm as mm
     from openmm import app, unit
 
-    from .md import hydrogen_mass_repartition, particle_masses_amu
+    from .md import openmm_copy_with_masses
 
-    omm = mm.XmlSerializer.deserialize(mm.XmlSerializer.serialize(system.openmm_system))
-    if settings.hydrogen_mass_amu:
-        masses = particle_masses_amu(omm)
-        bonds = np.array([(b[0].index, b[1].index) for b in system.topology.bonds()])
-        for i, m in enumerate(hydrogen_mass_repartition(masses, bonds, settings.hydrogen_mass_amu)):
-            omm.setParticleMass(i, m * unit.dalton)
+    omm = openmm_copy_with_masses(system, settings.hydrogen_mass_amu)
     variables = [
         app.BiasVariable(f, -math.pi, math.pi, settings.sigma_rad, True, settings.grid_width)
         for f in _cv_forces(system)
@@ -160,42 +155,59 @@ def interpolate_periodic(F_grid: np.ndarray, phi_psi: np.ndarray) -> np.ndarray:
     )
 
 
-def _save(path: Path, settings: MetadSettings, state: dict[str, Any], meta_info: dict) -> None:
+def save_run(
+    path: Path,
+    kind: str,
+    format_version: int,
+    settings: Any,
+    arrays: dict[str, tuple[np.ndarray, str]],
+    attrs: dict[str, Any],
+) -> None:
+    """Write a baseline run file atomically: ``kind``, format version and the settings (a
+    dataclass) as attributes, ``arrays`` as datasets ``name: (array, units)``."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs["kind"] = "metadynamics"
-        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["kind"] = kind
+        f.attrs["format_version"] = format_version
         f.attrs["settings"] = json.dumps(asdict(settings), sort_keys=True)
-        for k, v in meta_info.items():
+        for k, v in attrs.items():
             f.attrs[k] = v
-        for name, (arr, unit) in state.items():
+        for name, (arr, unit) in arrays.items():
             d = f.create_dataset(name, data=arr, compression="gzip" if arr.size > 64 else None)
             d.attrs["units"] = unit
+
+
+def check_run(
+    f: h5py.File, kind: str, format_version: int, settings: Any, system_name: str, kT: float
+) -> None:
+    """Refuse to resume a run file of another kind, format, system, temperature or settings
+    (all but ``n_steps``, ``platform`` and ``threads``, which a resume may change)."""
+    path = f.filename
+    if f.attrs.get("kind") != kind:
+        raise ValueError(f"{path}: not a {kind} run file")
+    saved = json.loads(f.attrs["settings"])
+    diff = {
+        k: (saved.get(k), v)
+        for k, v in asdict(settings).items()
+        if k not in ("n_steps", "platform", "threads") and saved.get(k) != v
+    }
+    if diff:
+        raise ValueError(f"{path}: was run with other settings (saved, now): {diff}")
+    if f.attrs.get("format_version") != format_version:
+        raise ValueError(
+            f"{path}: format version {f.attrs.get('format_version')} != {format_version}"
+        )
+    if f.attrs.get("system") != system_name or not math.isclose(f.attrs["kT_kJ_per_mol"], kT):
+        raise ValueError(
+            f"{path}: was run for system {f.attrs.get('system')!r} at kT "
+            f"{f.attrs.get('kT_kJ_per_mol')} kJ/mol, not {system_name!r} at {kT}"
+        )
 
 
 def _load(
     path: Path, settings: MetadSettings, system_name: str, kT: float
 ) -> dict[str, np.ndarray]:
     with h5py.File(path, "r") as f:
-        if f.attrs.get("kind") != "metadynamics":
-            raise ValueError(f"{path}: not a metadynamics run file")
-        saved = json.loads(f.attrs["settings"])
-        mine = asdict(settings)
-        diff = {
-            k: (saved.get(k), v)
-            for k, v in mine.items()
-            if k not in ("n_steps", "platform", "threads") and saved.get(k) != v
-        }
-        if diff:
-            raise ValueError(f"{path}: was run with other settings (saved, now): {diff}")
-        if f.attrs.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: format version {f.attrs.get('format_version')} != {FORMAT_VERSION}"
-            )
-        if f.attrs.get("system") != system_name or not math.isclose(f.attrs["kT_kJ_per_mol"], kT):
-            raise ValueError(
-                f"{path}: was run for system {f.attrs.get('system')!r} at kT "
-                f"{f.attrs.get('kT_kJ_per_mol')} kJ/mol, not {system_name!r} at {kT}"
-            )
+        check_run(f, "metadynamics", FORMAT_VERSION, settings, system_name, kT)
         out = {k: f[k][()] for k in f.keys()}
         out["minimisation_evaluations"] = np.int64(f.attrs.get("minimisation_evaluations", 0))
         return out
@@ -250,8 +262,10 @@ def run_metadynamics(
         steps.append(step)
         F.append(free_energy_kT(bias, settings.bias_factor, kT).astype(np.float32))
         st = sim.context.getState(getPositions=True, getVelocities=True)
-        _save(
+        save_run(
             out,
+            "metadynamics",
+            FORMAT_VERSION,
             settings,
             {
                 "steps": (np.asarray(steps, dtype=np.int64), "1"),

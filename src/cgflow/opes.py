@@ -29,18 +29,17 @@ Runs resume from their last snapshot (kernels, weights and the OpenMM checkpoint
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from .data import atomic_path
+from .metadynamics import check_run, save_run
 
 FORMAT_VERSION = 1
 KIND = "opes"
@@ -321,16 +320,10 @@ def _table(values_kJ: np.ndarray, ranges: Sequence[tuple[float, float]], periodi
 def _molecular_model(system: Any, settings: OPESSettings, grid: int) -> _Model:
     """The molecule's OpenMM system plus a tabulated bias on its two CG dihedrals."""
     import openmm as mm
-    from openmm import unit
 
-    from .md import hydrogen_mass_repartition, particle_masses_amu
+    from .md import openmm_copy_with_masses
 
-    omm = mm.XmlSerializer.deserialize(mm.XmlSerializer.serialize(system.openmm_system))
-    if settings.hydrogen_mass_amu:
-        masses = particle_masses_amu(omm)
-        bonds = np.array([(b[0].index, b[1].index) for b in system.topology.bonds()])
-        for i, m in enumerate(hydrogen_mass_repartition(masses, bonds, settings.hydrogen_mass_amu)):
-            omm.setParticleMass(i, m * unit.dalton)
+    omm = openmm_copy_with_masses(system, settings.hydrogen_mass_amu)
     quads = [[int(a) for a in system.zmatrix.dihedral_atoms(i)] for i in system.cg_indices]
     atoms = list(dict.fromkeys(a for q in quads for a in q))
     args = [",".join(f"p{atoms.index(a) + 1}" for a in q) for q in quads]
@@ -412,29 +405,6 @@ def _axes(ranges: Sequence[tuple[float, float]], n: int) -> list[np.ndarray]:
     return [np.linspace(lo, hi, n) for lo, hi in ranges]
 
 
-def _check_saved(path: Path, settings: OPESSettings, system_name: str, kT: float) -> None:
-    with h5py.File(path, "r") as f:
-        if f.attrs.get("kind") != KIND:
-            raise ValueError(f"{path}: not an OPES run file")
-        if f.attrs.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: format version {f.attrs.get('format_version')} != {FORMAT_VERSION}"
-            )
-        saved, mine = json.loads(f.attrs["settings"]), asdict(settings)
-        diff = {
-            k: (saved.get(k), v)
-            for k, v in mine.items()
-            if k not in ("n_steps", "platform", "threads") and saved.get(k) != v
-        }
-        if diff:
-            raise ValueError(f"{path}: was run with other settings (saved, now): {diff}")
-        if f.attrs.get("system") != system_name or not math.isclose(f.attrs["kT_kJ_per_mol"], kT):
-            raise ValueError(
-                f"{path}: was run for system {f.attrs.get('system')!r} at kT "
-                f"{f.attrs.get('kT_kJ_per_mol')} kJ/mol, not {system_name!r} at {kT}"
-            )
-
-
 def run_opes(system: Any, settings: OPESSettings, out: str | Path, log: Any = print) -> Path:
     """Run (or resume) OPES from the energy minimum; write ``out``.
 
@@ -483,8 +453,8 @@ def run_opes(system: Any, settings: OPESSettings, out: str | Path, log: Any = pr
         model.bias_force.updateParametersInContext(ctx)
 
     if out.exists():
-        _check_saved(out, settings, system.name, kT)
         with h5py.File(out, "r") as f:
+            check_run(f, KIND, FORMAT_VERSION, settings, system.name, kT)
             kde.load_state({k: f[k][()] if k in f else f.attrs[k] for k in kde.state()})
             steps, F, cv = list(f["steps"][()]), list(f["F_kT"][()]), list(f["cv"][()])
             n_kernels, n_eff = list(f["n_kernels"][()]), list(f["n_eff"][()])
@@ -527,9 +497,6 @@ def run_opes(system: Any, settings: OPESSettings, out: str | Path, log: Any = pr
             if isinstance(v, np.ndarray):
                 arrays[k] = (v, "1" if k == "kernel_heights" else model.cv_unit)
         attrs = {
-            "kind": KIND,
-            "format_version": FORMAT_VERSION,
-            "settings": json.dumps(asdict(settings), sort_keys=True),
             "system": system.name,
             "kT_kJ_per_mol": kT,
             "evaluations_per_step": 1,
@@ -537,11 +504,7 @@ def run_opes(system: Any, settings: OPESSettings, out: str | Path, log: Any = pr
             "periodic": periodic,
             **{k: v for k, v in kde.state().items() if not isinstance(v, np.ndarray)},
         }
-        with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
-            f.attrs.update(attrs)
-            for name, (arr, u) in arrays.items():
-                d = f.create_dataset(name, data=arr, compression="gzip" if arr.size > 64 else None)
-                d.attrs["units"] = u
+        save_run(out, KIND, FORMAT_VERSION, settings, arrays, attrs)
         rate = (step - step0) / max(time.perf_counter() - t0, 1e-9)
         log(f"step {step}: {len(kde.heights)} kernels, N_eff {kde.n_eff:.0f}, {rate:.0f} steps/s")
     return out
