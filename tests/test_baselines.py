@@ -449,8 +449,10 @@ def test_speedup_table_medians_ratios_and_quoted_rows():
         "**kld_std36 ≤ 0.1**: campaign at 2e+05 (3 of 3 runs) first, 10.0x fewer than the next, "
         "MD, all trajectories pooled (histogram) at 2e+06 (1 of 1 runs).",
         "**dF_phi_pos_err_kT ≤ 0.05**: only campaign at 4e+05 (3 of 3 runs); not reached by (the "
-        "tightest level each holds, median) MD, all trajectories pooled (histogram) inf.",
+        "tightest level each holds, median) MD, all trajectories pooled (histogram) no finite value.",
     ]
+    # a level just above its threshold keeps the digits that show it is above
+    assert bl._level(0.01014, 0.01) == "0.0101" and bl._level(0.0094, 0.005) == "0.0094"
     with pytest.raises(ValueError, match="metric<=threshold"):
         bl.parse_target("kld_std36 0.1")
     with pytest.raises(ValueError, match="not one of"):

@@ -541,6 +541,8 @@ def markdown_table(table: Any) -> str:
                     cells.append((">" if r.get("status") == "not reached" else "") + f"{v:.2e}")
                 elif c in ("runs", "reached"):
                     cells.append(f"{v:.0f}")
+                elif c == "best" and math.isfinite(v) and r.get("status") == "not reached":
+                    cells.append(_level(v, parse_target(r["target"])[1]))
                 else:
                     cells.append(f"{v:.2g}" if c == "best" else f"{v:.2f}")
             else:
@@ -553,11 +555,23 @@ def _label(method: str) -> str:
     return BASELINE_LABELS.get(method, method)
 
 
+def _level(value: float, threshold: float) -> str:
+    """A level a run holds, with as many digits (2 to 4) as it takes not to print a value
+    above ``threshold`` as if it were at or below it; ``no finite value`` for inf/NaN."""
+    if not math.isfinite(value):
+        return "no finite value"
+    for digits in (2, 3, 4):
+        text = f"{value:.{digits}g}"
+        if float(text) > threshold:
+            break
+    return text
+
+
 def target_sentences(table: Any, reference_method: str = "campaign") -> list[str]:
     """One sentence per target of a speedup table: who reaches it with the fewest evaluations
     (medians over runs), by what factor over the next method or the campaign, and who does
-    not reach it (with the median of the tightest threshold each run reaches). Counting variants (``... (training only)``)
-    are left out."""
+    not reach it (with the median of the tightest threshold each run reaches). Counting
+    variants (``... (training only)``) are left out."""
     out = []
     rows = table[table["status"].isin(["reached", "not reached"])]
     rows = rows[~rows["method"].str.endswith("(training only)")]
@@ -573,8 +587,7 @@ def target_sentences(table: Any, reference_method: str = "campaign") -> list[str
             )
 
         if reached.empty:
-            b = short.iloc[0]
-            text = f"no method reaches it; the closest is {_label(b.method)} at {b.best:.2g}"
+            text = "no method reaches it"
         else:
             w = reached.iloc[0]
             ref = g[g["method"] == reference_method]
@@ -587,19 +600,19 @@ def target_sentences(table: Any, reference_method: str = "campaign") -> list[str
                 )
                 if (
                     ref is not None
-                    and w.method != reference_method
-                    and n.method != reference_method
+                    and ref.status == "reached"
+                    and reference_method not in (w.method, n.method)
                 ):
                     text += (
                         f"; the campaign at {ref.evaluations:.2g} "
                         f"({ref.evaluations / w.evaluations:.1f}x)"
-                        if ref.status == "reached"
-                        else f"; the campaign does not reach it (median best {ref.best:.2g})"
                     )
             else:
                 text = f"only {who(w)}"
         if len(short):
-            names = ", ".join(f"{_label(r.method)} {r.best:.2g}" for r in short.itertuples())
+            names = ", ".join(
+                f"{_label(r.method)} {_level(r.best, thr)}" for r in short.itertuples()
+            )
             text += f"; not reached by (the tightest level each holds, median) {names}"
         out.append(head + text + ".")
     return out

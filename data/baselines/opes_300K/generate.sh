@@ -5,8 +5,8 @@
 # baseline (Langevin 1/ps, 1.5 fs, hydrogen masses 3 amu) from the energy minimum, 4e6 steps,
 # a free-energy snapshot every 50,000 steps. Resumable: a run continues from its last snapshot.
 # Usage (repository root), one core per run:
-#   data/baselines/opes_300K/generate.sh SEED [N_STEPS]     # alanine dipeptide, ~25 min alone
-#   data/baselines/opes_300K/generate.sh mueller_brown      # the Mueller-Brown validation, ~4 min
+#   data/baselines/opes_300K/generate.sh SEED [N_STEPS]     # alanine dipeptide, 30-50 min
+#   data/baselines/opes_300K/generate.sh mueller_brown [SEED]   # the Mueller-Brown validation, ~10 min
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 CGFLOW=$(command -v cgflow || echo .venv/bin/cgflow)

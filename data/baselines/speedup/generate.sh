@@ -7,7 +7,7 @@
 # Baselines: the plain-MD trajectories (data/baselines/md_300K/generate.sh), scored as
 # histograms and as kernel densities, the metadynamics runs
 # (data/baselines/metad_300K/generate.sh SEED 4000000, seeds 1-3) and the OPES runs
-# (data/baselines/opes_300K/generate.sh SEED, seeds 1-3). Takes about 3 minutes (the MD kernel
+# (data/baselines/opes_300K/generate.sh SEED, seeds 1-3). Takes about a minute (mostly the MD kernel
 # densities' cross-validation).
 set -euo pipefail
 CGFLOW=$(command -v cgflow || echo .venv/bin/cgflow)
