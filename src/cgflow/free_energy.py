@@ -400,6 +400,62 @@ class FreeEnergyEnsemble:
                 h = self._act(h)
         return h.squeeze(-1)
 
+    def _loss_and_grad(
+        self,
+        params: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        w: torch.Tensor,
+        huber_kT: float | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every member's weighted loss on its batch and the gradient of their sum.
+
+        ``x [M, B, n_in]``, labels ``y [M, B]``, weights ``w [M, B]``; returns the loss ``[M]``
+        (``sum(w · penalty(pred − y)) / sum(w)``, penalty r² or Huber) and the gradient
+        ``[M, n_params]`` in the order of :attr:`params`. Written out by hand (batched matrix
+        products through the layers): on these small networks autograd's bookkeeping costs more
+        than the arithmetic (a test checks it against autograd).
+        """
+        n_layers = len(self.hidden) + 1
+        hs, zs = [x], []
+        h = x
+        for i in range(n_layers):
+            z = torch.baddbmm(params[f"{2 * i}.bias"].unsqueeze(1), h, params[f"{2 * i}.weight"].mT)
+            if i < n_layers - 1:
+                zs.append(z)
+                h = self._act(z)
+                hs.append(h)
+            else:
+                h = z
+        r = h.squeeze(-1) - y
+        w_sum = w.sum(dim=1, keepdim=True)
+        if huber_kT is None:
+            loss = (w * r * r).sum(dim=1) / w_sum.squeeze(1)
+            g = (2.0 * w / w_sum) * r
+        else:
+            a = r.abs()
+            inner = a < huber_kT
+            pen = torch.where(inner, r * r, huber_kT * (2.0 * a - huber_kT))
+            loss = (w * pen).sum(dim=1) / w_sum.squeeze(1)
+            g = (2.0 * w / w_sum) * torch.where(inner, r, huber_kT * r.sign())
+        g = g.unsqueeze(-1)  # [M, B, 1]: d(sum of losses)/d(output)
+        grads: list[torch.Tensor] = []
+        for i in reversed(range(n_layers)):
+            grads.append(g.sum(dim=1))  # bias [M, out]
+            grads.append(torch.bmm(g.mT, hs[i]).flatten(1))  # weight [M, out, in]
+            if i > 0:
+                g = torch.bmm(g, params[f"{2 * i}.weight"]) * self._act_derivative(zs[i - 1], hs[i])
+        return loss, torch.cat(grads[::-1], dim=1)
+
+    def _act_derivative(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The activation's derivative at pre-activation ``z`` (``h``: its value there)."""
+        if self.activation == "sigmoid":
+            return h * (1.0 - h)
+        if self.activation == "tanh":
+            return 1.0 - h * h
+        sig = torch.sigmoid(z)  # silu: h = z·σ(z)
+        return sig * (1.0 + z * (1.0 - sig))
+
     def _check_s(self, s: torch.Tensor) -> torch.Tensor:
         s = torch.as_tensor(s)
         if s.ndim != 2 or s.shape[1] != self.n_cg:
@@ -414,6 +470,8 @@ class FreeEnergyEnsemble:
 
     def _features(self, s: torch.Tensor) -> torch.Tensor:
         """Network inputs ``[P, n_in]``: (cos, sin) of periodic, standardised non-periodic."""
+        if not any(self.cg_periodic):  # one whole-tensor standardisation
+            return ((s - self.input_mean) / self.input_std).to(self.dtype)
         cols = []
         for j, periodic in enumerate(self.cg_periodic):
             if periodic:
@@ -558,10 +616,10 @@ class FreeEnergyEnsemble:
         shapes = [v.shape[1:] for v in init.values()]
         sizes = [v[0].numel() for v in init.values()]
         M = self.n_members
-        # one [M, n_params] leaf: gradient checks, Adam and early stopping are a few whole-tensor
-        # operations per batch instead of a few per parameter (the members' parameters are views)
+        # one [M, n_params] tensor: gradient checks, Adam and early stopping are a few
+        # whole-tensor operations per batch instead of a few per parameter (the members'
+        # parameters are views of it)
         flat = torch.cat([v.detach().reshape(M, -1) for v in init.values()], dim=1)
-        flat.requires_grad_(True)
 
         def unflatten(vector: torch.Tensor) -> dict[str, torch.Tensor]:
             parts = vector.split(sizes, dim=1)
@@ -573,6 +631,7 @@ class FreeEnergyEnsemble:
         n_batches = n_train // bsz
 
         adam = _VectorAdam(flat, lr=lr)
+        params = unflatten(flat)  # views: Adam's in-place steps show through
         history: dict[str, Any] = {
             "train_loss": [],
             "test_loss": [],
@@ -590,25 +649,26 @@ class FreeEnergyEnsemble:
         x_test, y_test, w_test = x[test_idx], y[test_idx], wt[test_idx]
         for epoch in range(epochs):
             order = train_idx.gather(1, torch.argsort(torch.rand(M, n_train, generator=gen), dim=1))
-            loss_sum = torch.zeros(M, dtype=torch.float64)
-            loss_count = torch.zeros(M, dtype=torch.float64)
+            # the epoch's batches in order, gathered once (a batch is then a view)
+            x_ep, y_ep, w_ep = x[order], y[order], wt[order]
+            losses = torch.zeros(n_batches, M, dtype=self.dtype)
+            oks = torch.zeros(n_batches, M, dtype=torch.bool)
             for b in range(n_batches):
-                idx = order[:, b * bsz : (b + 1) * bsz]
-                pred = self._forward(unflatten(flat), x[idx])
-                w_b = wt[idx]
-                loss = (w_b * penalty(pred - y[idx])).sum(dim=1) / w_b.sum(dim=1)  # [M]
-                (grad,) = torch.autograd.grad(loss.sum(), [flat])
-                # a member's gradient sum is non-finite if any entry is (or if it overflows)
-                ok = torch.isfinite(loss) & torch.isfinite(grad.sum(dim=1))
+                rows = slice(b * bsz, (b + 1) * bsz)
+                loss, grad = self._loss_and_grad(
+                    params, x_ep[:, rows], y_ep[:, rows], w_ep[:, rows], huber_kT
+                )
+                # non-finite if the loss or any gradient entry is (or if their sum overflows)
+                ok = torch.isfinite(grad.sum(dim=1) + loss)
                 adam.step(grad, ok)
-                loss_d = loss.detach().to(torch.float64)
-                loss_sum += torch.where(ok, loss_d, torch.zeros_like(loss_d))
-                loss_count += ok.to(torch.float64)
+                losses[b], oks[b] = loss, ok
+            loss_sum = torch.where(oks, losses.to(torch.float64), 0.0).sum(dim=0)
+            loss_count = oks.sum(dim=0).to(torch.float64)
             history["n_skipped"] += int(n_batches * M - loss_count.sum())
             history["train_loss"].append(float((loss_sum / loss_count).mean()))
             if n_test > 0:
                 with torch.no_grad():
-                    pred = self._forward(unflatten(flat), x_test)
+                    pred = self._forward(params, x_test)
                     test = (w_test * penalty(pred - y_test)).sum(dim=1) / w_test.sum(dim=1)
                     test = test.to(torch.float64)
                 history["test_loss_members"].append(test.tolist())
@@ -621,10 +681,10 @@ class FreeEnergyEnsemble:
                 best_loss = torch.where(better, test, best_loss)
                 best_epoch = torch.where(better, epoch + 1, best_epoch)
                 with torch.no_grad():
-                    best = torch.where(better.unsqueeze(1), flat.detach(), best)
+                    best = torch.where(better.unsqueeze(1), flat, best)
                 if bool((epoch + 1 - best_epoch >= patience).all()):
                     break
-        final = best if stopping else flat.detach()
+        final = best if stopping else flat
         self._params = {k: v.clone().requires_grad_(True) for k, v in unflatten(final).items()}
         history["best_epoch"] = best_epoch.tolist()
         history["seconds"] = time.perf_counter() - t0
@@ -635,10 +695,11 @@ class FreeEnergyEnsemble:
         """Every member's F (kT) at ``s [P, n_cg]``: ``[M, P]`` float64."""
         params = self.params
         s = self._check_s(s)
-        out = [self._forward(params, self._features(part)) for part in s.split(chunk)]
-        if not out:
-            return torch.zeros(self.n_members, 0, dtype=torch.float64)
-        return torch.cat(out, dim=1).to(torch.float64) + self.shift_kT
+        if s.shape[0] <= chunk:
+            out = self._forward(params, self._features(s))
+        else:
+            out = torch.cat([self._forward(params, self._features(p)) for p in s.split(chunk)], 1)
+        return out.to(torch.float64) + self.shift_kT
 
     def predict(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Ensemble mean F̄ (kT) and unbiased std over members σ (kT) at ``s``; float64 ``[P]``."""
@@ -707,6 +768,8 @@ class _VectorAdam:
     ) -> None:
         self.param = param
         self.lr, self.betas, self.eps = float(lr), betas, float(eps)
+        #: the members' common step count, until a member skips a batch; then ``t`` per member
+        self._steps: int | None = 0
         self.t = torch.zeros(param.shape[0], dtype=torch.float64)
         self.m = torch.zeros_like(param)
         self.v = torch.zeros_like(param)
@@ -715,20 +778,26 @@ class _VectorAdam:
     def step(self, grad: torch.Tensor, ok: torch.Tensor) -> None:
         b1, b2 = self.betas
         p, m, v = self.param, self.m, self.v
+        if bool(ok.all()) and self._steps is not None:
+            # the usual case, every member at the same step count: in place, scalar corrections
+            self._steps += 1
+            m.mul_(b1).add_(grad, alpha=1.0 - b1)
+            v.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
+            denom = v.sqrt().div_(math.sqrt(1.0 - b2**self._steps)).add_(self.eps)
+            p.addcdiv_(m, denom, value=-self.lr / (1.0 - b1**self._steps))
+            return
+        if self._steps is not None:  # step counts differ from now on
+            self.t.fill_(self._steps)
+            self._steps = None
         self.t += ok.to(self.t.dtype)
         c1 = (1.0 - b1**self.t).to(p.dtype).unsqueeze(1)
         c2 = (1.0 - b2**self.t).to(p.dtype).unsqueeze(1)
-        every = bool(ok.all())  # the usual case: in-place updates, no masking
         okb = ok.unsqueeze(1)
-        if every:
-            m.mul_(b1).add_(grad, alpha=1.0 - b1)
-            v.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
-        else:
-            g = torch.where(okb, grad, torch.zeros_like(p))
-            m.copy_(torch.where(okb, b1 * m + (1.0 - b1) * g, m))
-            v.copy_(torch.where(okb, b2 * v + (1.0 - b2) * g * g, v))
-        update = (m / c1).div_((v / c2).sqrt_().add_(self.eps)).mul_(self.lr)
-        p.sub_(update if every else torch.where(okb, update, torch.zeros_like(p)))
+        g = torch.where(okb, grad, torch.zeros_like(p))
+        m.copy_(torch.where(okb, b1 * m + (1.0 - b1) * g, m))
+        v.copy_(torch.where(okb, b2 * v + (1.0 - b2) * g * g, v))
+        denom = (v / c2).sqrt_().add_(self.eps)
+        p.sub_(torch.where(okb, (m / c1).div_(denom).mul_(self.lr), torch.zeros_like(p)))
 
 
 # ------------------------------------------------------------------------------ fitting a campaign
