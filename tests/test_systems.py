@@ -11,6 +11,7 @@ from cgflow.systems import (
     available_systems,
     get_system,
     load_callable,
+    mueller_brown_energy_and_gradient,
     mueller_brown_potential,
 )
 
@@ -50,6 +51,52 @@ def test_mueller_brown_interface_and_exact_pmf():
     assert f[i_mid] == pytest.approx(6.99, abs=0.02)
     assert f[i_right] == pytest.approx(4.60, abs=0.02)
     assert f.max() == pytest.approx(11.99, abs=0.02)
+
+
+def test_mueller_brown_values_and_closed_form_forces():
+    # the textbook minima and saddle (Mueller & Brown 1979): U = -146.70, -108.17, -80.77, -40.66
+    x = torch.tensor(
+        [[-0.558, 1.442], [-0.050, 0.467], [0.623, 0.028], [-0.822, 0.624]], dtype=torch.float64
+    )
+    ref = torch.tensor([-146.70, -80.77, -108.17, -40.66], dtype=torch.float64)
+    torch.testing.assert_close(mueller_brown_potential(x), ref, atol=0.01, rtol=0)
+    # the closed-form gradient against autograd, on random points and through the backend
+    pts = torch.randn(64, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    pts.requires_grad_(True)
+    (auto,) = torch.autograd.grad(mueller_brown_potential(pts).sum(), pts)
+    u, grad = mueller_brown_energy_and_gradient(pts.detach())
+    torch.testing.assert_close(u, mueller_brown_potential(pts.detach()))
+    torch.testing.assert_close(grad, auto)
+    backend = get_system("mueller_brown").energy_backend()
+    bad = pts.detach().clone()
+    bad[5, 1] = math.nan
+    u_b, f_b = backend.energies_and_forces(bad)
+    assert torch.isnan(u_b[5]) and torch.isnan(f_b[5]).all()
+    keep = torch.arange(64) != 5
+    torch.testing.assert_close(u_b[keep], u[keep])
+    torch.testing.assert_close(f_b[keep], -auto[keep])
+
+
+def test_analytic_system_takes_closed_form_forces_from_the_config():
+    opts = dict(
+        potential="cgflow.systems:mueller_brown_potential",
+        dim=2,
+        beta=0.1,
+        cg_indices=[0],
+        cg_bounds=[[-2.5, 1.1]],
+    )
+    x = torch.randn(32, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    auto = get_system("analytic", **opts).energy_backend()
+    closed = get_system(
+        "analytic", energy_and_gradient="cgflow.systems:mueller_brown_energy_and_gradient", **opts
+    ).energy_backend()
+    for a, b in zip(auto.energies_and_forces(x), closed.energies_and_forces(x), strict=True):
+        torch.testing.assert_close(a, b)
+    wrong = get_system(
+        "analytic", energy_and_gradient="cgflow.systems:mueller_brown_potential", **opts
+    ).energy_backend()
+    with pytest.raises(ValueError, match="energy_and_gradient must return"):
+        wrong.energies_and_forces(x)
 
 
 def test_mueller_brown_pmf_matches_adaptive_quadrature():

@@ -10,10 +10,12 @@ import torch
 from .base import EnergyBackend
 
 Potential = Callable[[torch.Tensor], torch.Tensor]
+EnergyAndGradient = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class AnalyticEnergy(EnergyBackend):
-    """Wrap ``potential(x[B, D]) -> U[B]``; forces by autograd.
+    """Wrap ``potential(x[B, D]) -> U[B]``; forces from ``energy_and_gradient(x) -> (U, dU/dx)``
+    when given, else by autograd through ``potential``.
 
     Non-finite rows give NaN energy and forces; they are not passed to the potential.
     """
@@ -21,8 +23,15 @@ class AnalyticEnergy(EnergyBackend):
     energy_unit = "potential units"
     length_unit = "1"
 
-    def __init__(self, potential: Potential, dim: int, dtype: torch.dtype = torch.float64) -> None:
+    def __init__(
+        self,
+        potential: Potential,
+        dim: int,
+        dtype: torch.dtype = torch.float64,
+        energy_and_gradient: EnergyAndGradient | None = None,
+    ) -> None:
         self.potential = potential
+        self.energy_and_gradient = energy_and_gradient
         self.dim = dim
         self.dtype = dtype
 
@@ -46,10 +55,35 @@ class AnalyticEnergy(EnergyBackend):
         return torch.where(ok, u, torch.full_like(u, float("nan")))
 
     def energies_and_forces(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self._as_tensor(x).detach().requires_grad_(True)
-        with torch.enable_grad():
-            u = self.energies(x)
-            (grad,) = torch.autograd.grad(u.sum(), x)
-        f = -grad
+        x = self._as_tensor(x).detach()
+        if self.energy_and_gradient is not None:
+            ok = torch.isfinite(x).all(dim=1)
+            every = bool(ok.all())
+            out = self.energy_and_gradient(x if every else torch.where(ok[:, None], x, 0.0))
+            if (
+                not isinstance(out, tuple)
+                or len(out) != 2
+                or tuple(out[0].shape) != (len(x),)
+                or tuple(out[1].shape) != tuple(x.shape)
+            ):
+                raise ValueError(
+                    "energy_and_gradient must return (U [B], dU/dx [B, D]) for x of shape "
+                    f"{tuple(x.shape)}, got {type(out).__name__}"
+                    + (
+                        f" of shapes {[tuple(t.shape) for t in out]}"
+                        if isinstance(out, tuple)
+                        else ""
+                    )
+                )
+            u, grad = out
+            f = -grad
+            if not every:
+                u = torch.where(ok, u, float("nan"))
+        else:
+            x.requires_grad_(True)
+            with torch.enable_grad():
+                u = self.energies(x)
+                (grad,) = torch.autograd.grad(u.sum(), x)
+            u, f = u.detach(), -grad
         f[~torch.isfinite(u)] = float("nan")
-        return u.detach(), f.detach()
+        return u, f
