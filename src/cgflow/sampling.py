@@ -216,16 +216,27 @@ def cg_walkers(
     running = torch.ones(W, dtype=torch.bool)
     stop_step = torch.full((W,), -1, dtype=torch.int64)
     n_accepted = n_attempted = 0
+    n_running, n_stopped = W, 0
     step = 0
-    while step < max_steps and int((stop_step >= 0).sum()) < n_wanted:
+    wrapping = bool(per.any())
+    while step < max_steps and n_stopped < n_wanted:
         step += 1
         noise = torch.randn(x.shape, generator=gen, dtype=torch.float64)
-        log_u = torch.rand(W, generator=gen, dtype=torch.float64).log()
-        prop = _wrap(x + step_size * noise, per, lo, hi)
-        inside = ((prop >= lo) & (prop <= hi)).all(dim=1)
-        todo = running & inside
-        n_attempted += int(running.sum())
-        if todo.any():
+        log_u = torch.rand(W, generator=gen, dtype=torch.float64).log_()
+        prop = x + step_size * noise
+        if wrapping:
+            prop = _wrap(prop, per, lo, hi)
+        todo = running & ((prop >= lo) & (prop <= hi)).all(dim=1)
+        n_attempted += n_running
+        n_todo = int(todo.sum())
+        if n_todo == W:  # every walker moves (the usual case): no gathering
+            F_new, s_new = evaluate(prop)
+            acc = torch.isfinite(F_new) & (log_u < (F - F_new).mul_(beta))
+            x = torch.where(acc.unsqueeze(1), prop, x)
+            F, sigma = torch.where(acc, F_new, F), torch.where(acc, s_new, sigma)
+            n_eval += W
+            n_accepted += int(acc.sum())
+        elif n_todo:
             idx = todo.nonzero().squeeze(1)
             F_new, s_new = evaluate(prop[idx])
             n_eval += idx.shape[0]
@@ -241,8 +252,11 @@ def cg_walkers(
             if novelty_radius is not None and bool((running & ~stops).any()):
                 rest = (running & ~stops).nonzero().squeeze(1)
                 stops[rest[far(x[rest])]] = True
-            stop_step[stops] = step
-            running &= ~stops
+            n_stops = int(stops.sum())
+            if n_stops:
+                stop_step[stops] = step
+                running &= ~stops
+                n_running, n_stopped = n_running - n_stops, n_stopped + n_stops
     stopped = (stop_step >= 0).nonzero().squeeze(1)  # ascending walker index
     order = torch.argsort(stop_step[stopped], stable=True)
     chosen = stopped[order][:n_wanted]
