@@ -280,6 +280,7 @@ def train_by_energy(
         torch.as_tensor(old_points, dtype=dtype) if old_points is not None else new_points[:0]
     )
     opt = optimizer or torch.optim.Adam(flow.parameters(), lr=config.lr)
+    params = list(flow.parameters())
     gen = torch.Generator().manual_seed(config.seed)
     hist = EnergyHistory()
     n_new = new_points.shape[0] * config.rows_per_point
@@ -324,7 +325,7 @@ def train_by_energy(
                 continue
             opt.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(flow.parameters(), clip)
+            torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
             opt.step()
             total += float(loss.detach())
             n_batches += 1
