@@ -345,6 +345,21 @@ def test_bad_config_names_the_key(tmp_path):
     assert not (tmp_path / "c.yaml").exists()
 
 
+def test_validated_configs_are_fresh_copies_and_a_bad_one_fails_every_time():
+    from cgflow.config import validated
+
+    first = validated(CFG)
+    first["ensemble"]["epochs"] = -5  # a caller changing its copy changes nothing else
+    second = validated(CFG)
+    assert second["ensemble"]["epochs"] == CFG["ensemble"]["epochs"] > 0
+    assert second["walkers"] is not first["walkers"]
+    bad = json.loads(json.dumps(CFG))
+    bad["ensemble"]["epochs"] = 0
+    for _ in range(2):
+        with pytest.raises(ValueError, match="epochs"):
+            validated(bad)
+
+
 def test_settings_dataclasses_have_no_defaults_of_their_own():
     """The schema is the one source of defaults: a settings dataclass restates none."""
     import dataclasses

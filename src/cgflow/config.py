@@ -29,11 +29,30 @@ RUN_KEYS = ("threads", "steps_in_process")
 TOPOLOGY_SYSTEMS = ("alanine_dipeptide",)
 
 
+#: validated configs of this process, as JSON text keyed by the JSON text of the input: the
+#: validator reads and parses the schema on every call (~0.1 s), and the steps that run inside
+#: the Snakemake process validate the same snapshot once per job
+_VALIDATED: dict[str, str] = {}
+
+
 def validated(cfg: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``cfg`` checked against :data:`SCHEMA_PATH` with every default filled in.
 
     Raises ``ValueError`` naming the offending key or value.
     """
+    try:
+        key = json.dumps(cfg, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError):  # not plain JSON data: validate without the cache
+        key = None
+    if key is not None and key in _VALIDATED:
+        return json.loads(_VALIDATED[key])
+    out = _validate(cfg)
+    if key is not None:
+        _VALIDATED[key] = json.dumps(out)
+    return out
+
+
+def _validate(cfg: dict[str, Any]) -> dict[str, Any]:
     from snakemake.exceptions import WorkflowError
     from snakemake.utils import validate
 

@@ -58,7 +58,7 @@ class Settings:
     def load(cls, path: str | os.PathLike) -> Settings:
         """The settings of a config snapshot (``results/<campaign>/config.yaml``)."""
         with open(path) as fh:
-            return cls(yaml.safe_load(fh))
+            return cls(yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
 
     def __getitem__(self, key: str) -> Any:
         return self.cfg[key]
