@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .energy.analytic import AnalyticEnergy, EnergyAndGradient, Potential
 from .energy.base import EnergyBackend
 
 #: molar gas constant in kJ/(mol K) (CODATA 2018, as in openmm.unit)
@@ -148,8 +149,6 @@ class System(ABC):
 
 
 # --------------------------------------------------------------------------- analytic systems
-Potential = Callable[[torch.Tensor], torch.Tensor]
-EnergyAndGradient = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class AnalyticSystem(System):
@@ -233,8 +232,6 @@ class AnalyticSystem(System):
                 f"system {self.name!r} is analytic: only the 'torch' energy backend applies, "
                 f"not {kind!r}"
             )
-        from .energy.analytic import AnalyticEnergy
-
         return AnalyticEnergy(
             self.potential,
             self.config_shape[0],

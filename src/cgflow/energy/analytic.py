@@ -45,21 +45,25 @@ class AnalyticEnergy(EnergyBackend):
             )
         return x
 
-    def energies(self, x: Any) -> torch.Tensor:
-        x = self._as_tensor(x)
+    @staticmethod
+    def _finite_rows(x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The mask of finite rows (None when all are) and ``x`` with the others set to 0, so
+        that no NaN or inf reaches the potential."""
         ok = torch.isfinite(x).all(dim=1)
         if bool(ok.all()):
-            return self.potential(x)
-        safe = torch.where(ok[:, None], x, torch.zeros_like(x))
+            return None, x
+        return ok, torch.where(ok[:, None], x, torch.zeros_like(x))
+
+    def energies(self, x: Any) -> torch.Tensor:
+        ok, safe = self._finite_rows(self._as_tensor(x))
         u = self.potential(safe)
-        return torch.where(ok, u, torch.full_like(u, float("nan")))
+        return u if ok is None else torch.where(ok, u, torch.full_like(u, float("nan")))
 
     def energies_and_forces(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
         x = self._as_tensor(x).detach()
         if self.energy_and_gradient is not None:
-            ok = torch.isfinite(x).all(dim=1)
-            every = bool(ok.all())
-            out = self.energy_and_gradient(x if every else torch.where(ok[:, None], x, 0.0))
+            ok, safe = self._finite_rows(x)
+            out = self.energy_and_gradient(safe)
             if (
                 not isinstance(out, tuple)
                 or len(out) != 2
@@ -77,7 +81,7 @@ class AnalyticEnergy(EnergyBackend):
                 )
             u, grad = out
             f = -grad
-            if not every:
+            if ok is not None:
                 u = torch.where(ok, u, float("nan"))
         else:
             x.requires_grad_(True)
