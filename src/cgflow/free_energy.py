@@ -387,17 +387,25 @@ class FreeEnergyEnsemble:
             raise RuntimeError("the ensemble has not been fitted (or loaded) yet")
         return self._params
 
-    def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self,
+        params: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        trace: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
         """Every member's output ``[M, B]`` for inputs ``x``: ``[M, B, n_in]`` (one batch per
         member) or ``[B, n_in]`` (shared). The stacked parameters are named as in :func:`_mlp`
-        (``"0.weight"``, ``"0.bias"``, ``"2.weight"``, ...)."""
+        (``"0.weight"``, ``"0.bias"``, ``"2.weight"``, ...). ``trace`` (optional) receives each
+        hidden layer's pre-activation and activation, for :meth:`_loss_and_grad`."""
         h = x if x.ndim == 3 else x.expand(self.n_members, -1, -1)
         n_layers = len(self.hidden) + 1
         for i in range(n_layers):
             w, b = params[f"{2 * i}.weight"], params[f"{2 * i}.bias"]
             h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
             if i < n_layers - 1:
-                h = self._act(h)
+                z, h = h, self._act(h)
+                if trace is not None:
+                    trace.append((z, h))
         return h.squeeze(-1)
 
     def _loss_and_grad(
@@ -416,35 +424,20 @@ class FreeEnergyEnsemble:
         products through the layers): on these small networks autograd's bookkeeping costs more
         than the arithmetic (a test checks it against autograd).
         """
-        n_layers = len(self.hidden) + 1
-        hs, zs = [x], []
-        h = x
-        for i in range(n_layers):
-            z = torch.baddbmm(params[f"{2 * i}.bias"].unsqueeze(1), h, params[f"{2 * i}.weight"].mT)
-            if i < n_layers - 1:
-                zs.append(z)
-                h = self._act(z)
-                hs.append(h)
-            else:
-                h = z
-        r = h.squeeze(-1) - y
+        trace: list[tuple[torch.Tensor, torch.Tensor]] = []
+        r = self._forward(params, x, trace) - y
         w_sum = w.sum(dim=1, keepdim=True)
-        if huber_kT is None:
-            loss = (w * r * r).sum(dim=1) / w_sum.squeeze(1)
-            g = (2.0 * w / w_sum) * r
-        else:
-            a = r.abs()
-            inner = a < huber_kT
-            pen = torch.where(inner, r * r, huber_kT * (2.0 * a - huber_kT))
-            loss = (w * pen).sum(dim=1) / w_sum.squeeze(1)
-            g = (2.0 * w / w_sum) * torch.where(inner, r, huber_kT * r.sign())
-        g = g.unsqueeze(-1)  # [M, B, 1]: d(sum of losses)/d(output)
+        loss = (w * _penalty(r, huber_kT)).sum(dim=1) / w_sum.squeeze(1)
+        slope = r if huber_kT is None else torch.where(r.abs() < huber_kT, r, huber_kT * r.sign())
+        g = ((2.0 * w / w_sum) * slope).unsqueeze(-1)  # [M, B, 1]: d(sum of losses)/d(output)
+        inputs = [x] + [h for _, h in trace]  # each layer's input
         grads: list[torch.Tensor] = []
-        for i in reversed(range(n_layers)):
+        for i in reversed(range(len(inputs))):
             grads.append(g.sum(dim=1))  # bias [M, out]
-            grads.append(torch.bmm(g.mT, hs[i]).flatten(1))  # weight [M, out, in]
+            grads.append(torch.bmm(g.mT, inputs[i]).flatten(1))  # weight [M, out, in]
             if i > 0:
-                g = torch.bmm(g, params[f"{2 * i}.weight"]) * self._act_derivative(zs[i - 1], hs[i])
+                z, h = trace[i - 1]
+                g = torch.bmm(g, params[f"{2 * i}.weight"]) * self._act_derivative(z, h)
         return loss, torch.cat(grads[::-1], dim=1)
 
     def _act_derivative(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -605,12 +598,6 @@ class FreeEnergyEnsemble:
         y = (F - self.shift_kT).to(self.dtype)
         wt = weights.to(self.dtype)
 
-        def penalty(r: torch.Tensor) -> torch.Tensor:
-            if huber_kT is None:
-                return r**2
-            a = r.abs()
-            return torch.where(a < huber_kT, r**2, huber_kT * (2.0 * a - huber_kT))
-
         init = self._initial_params(gen)
         names = list(init)
         shapes = [v.shape[1:] for v in init.values()]
@@ -669,7 +656,9 @@ class FreeEnergyEnsemble:
             if n_test > 0:
                 with torch.no_grad():
                     pred = self._forward(params, x_test)
-                    test = (w_test * penalty(pred - y_test)).sum(dim=1) / w_test.sum(dim=1)
+                    test = (w_test * _penalty(pred - y_test, huber_kT)).sum(dim=1) / w_test.sum(
+                        dim=1
+                    )
                     test = test.to(torch.float64)
                 history["test_loss_members"].append(test.tolist())
                 history["test_loss"].append(float(test.mean()))
@@ -749,6 +738,15 @@ class FreeEnergyEnsemble:
         ens.input_std = state["input_std"]
         ens.shift_kT = float(state["shift_kT"])
         return ens
+
+
+def _penalty(r: torch.Tensor, huber_kT: float | None) -> torch.Tensor:
+    """The regression penalty of residuals ``r``: r², or Huber (r² within ``huber_kT``, linear
+    beyond, continuous with its slope)."""
+    if huber_kT is None:
+        return r**2
+    a = r.abs()
+    return torch.where(a < huber_kT, r**2, huber_kT * (2.0 * a - huber_kT))
 
 
 class _VectorAdam:
