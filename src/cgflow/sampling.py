@@ -229,21 +229,19 @@ def cg_walkers(
         todo = running & ((prop >= lo) & (prop <= hi)).all(dim=1)
         n_attempted += n_running
         n_todo = int(todo.sum())
-        if n_todo == W:  # every walker moves (the usual case): no gathering
-            F_new, s_new = evaluate(prop)
+        if n_todo:
+            if n_todo == W:  # every walker moves (the usual case): no gathering
+                F_new, s_new = evaluate(prop)
+            else:  # the others get F = NaN, which is never accepted
+                idx = todo.nonzero().squeeze(1)
+                F_new = torch.full_like(F, float("nan"))
+                s_new = torch.full_like(sigma, float("nan"))
+                F_new[idx], s_new[idx] = evaluate(prop[idx])
             acc = torch.isfinite(F_new) & (log_u < (F - F_new).mul_(beta))
             x = torch.where(acc.unsqueeze(1), prop, x)
             F, sigma = torch.where(acc, F_new, F), torch.where(acc, s_new, sigma)
-            n_eval += W
+            n_eval += n_todo
             n_accepted += int(acc.sum())
-        elif n_todo:
-            idx = todo.nonzero().squeeze(1)
-            F_new, s_new = evaluate(prop[idx])
-            n_eval += idx.shape[0]
-            acc = torch.isfinite(F_new) & (log_u[idx] < -beta * (F_new - F[idx]))
-            idx, F_new, s_new = idx[acc], F_new[acc], s_new[acc]
-            x[idx], F[idx], sigma[idx] = prop[idx], F_new, s_new
-            n_accepted += idx.shape[0]
         if step > min_steps:
             score = sigma
             if mass_temperature_kT is not None:
